@@ -1,0 +1,62 @@
+"""Small ASGI helpers shared by the middleware and endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
+    raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if headers:
+        raw_headers.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    data: Any,
+    scope: Scope | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send_bytes(send, status, orjson.dumps(data), headers)
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (name in lower case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def replay_receive(body: bytes, receive: Receive) -> Receive:
+    """A receive() that yields an already-read body once, then defers to the real one."""
+    sent = False
+
+    async def receive_again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again

@@ -1,0 +1,28 @@
+"""Persistence behind one interface; SQLite now, a server database later."""
+
+from quota_proxy.store.models import (
+    Account,
+    IdempotencyMismatch,
+    InsufficientFunds,
+    KeyRecord,
+    LedgerEntry,
+    Settlement,
+    StoreError,
+    UsageRow,
+)
+from quota_proxy.store.sqlite import SqliteStore
+
+Store = SqliteStore
+
+__all__ = [
+    "Account",
+    "IdempotencyMismatch",
+    "InsufficientFunds",
+    "KeyRecord",
+    "LedgerEntry",
+    "Settlement",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "UsageRow",
+]

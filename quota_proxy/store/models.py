@@ -1,0 +1,105 @@
+"""The records the store hands out. Plain frozen dataclasses: no behaviour, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    public_id: str
+    kind: str  # "developer" | "user"
+    name: str  # developer name, or the app user's external_user_id
+    parent_id: int | None
+    billing_mode: str
+    balance: int
+    held: int
+    created_at: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: int
+    public_id: str
+    account_id: int
+    account_name: str
+    account_public_id: str
+    kind: str  # "live" | "secret"
+    name: str
+    prefix: str
+    routes: tuple[str, ...] | None
+    allow_community: bool
+    expires_at: int | None
+    revoked_at: int | None
+    created_at: int
+
+    def usable_at(self, now_ms: int) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now_ms < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    public_id: str
+    account_id: int
+    amount: int
+    balance_after: int
+    kind: str
+    request_id: str | None
+    idempotency_key: str | None
+    related_id: str | None
+    description: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What one request cost, written in one statement by Store.settle()."""
+
+    request_id: str
+    account_id: int
+    charged_account_id: int
+    user_id: int | None
+    key_id: int | None
+    hold_id: int | None
+    route: str
+    upstream_model: str
+    input_tokens: int
+    output_tokens: int
+    multiplier: str
+    charged: int
+    estimated: bool
+    outcome: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    day: str
+    route: str
+    user: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    charged: int
+
+
+class InsufficientFunds(Exception):
+    def __init__(self, available: int) -> None:
+        self.available = available
+        super().__init__(f"available {available}")
+
+
+class IdempotencyMismatch(Exception):
+    pass
+
+
+class StoreError(Exception):
+    """The store cannot be used (file unreadable, schema newer than this code, …)."""

@@ -1,0 +1,548 @@
+"""The SQLite store: one file, WAL mode, the money invariants enforced by the schema.
+
+Two connections: `_db` runs single statements (every hot-path write is one statement,
+atomic by itself), `_tx` runs the few multi-statement transactions (grants, migrations)
+under an asyncio lock, so no statement from another request can slip into them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import orjson
+
+from quota_proxy.keys import new_id
+from quota_proxy.store.models import (
+    Account,
+    IdempotencyMismatch,
+    InsufficientFunds,
+    KeyRecord,
+    LedgerEntry,
+    Settlement,
+    StoreError,
+    UsageRow,
+)
+
+MIGRATIONS = ("schema_v1.sql",)
+BUSY_TIMEOUT_MS = 30_000
+
+_ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
+_KEY_COLUMNS = (
+    "k.id, k.public_id, k.account_id, a.name, a.public_id, k.kind, k.name, k.prefix, k.routes, "
+    "k.allow_community, k.expires_at, k.revoked_at, k.created_at"
+)
+_LEDGER_COLUMNS = (
+    "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
+    "related_id, description, created_at"
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _connect_sync(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    _configure(conn)
+    return conn
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _statements(script: str) -> Iterable[str]:
+    """Split a script into statements, keeping trigger bodies whole."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+
+
+def migrate(path: Path) -> int:
+    """Bring the file's schema up to date; safe when several processes start at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect_sync(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{path}: schema version {version} is newer than this quota-proxy "
+                    f"({len(MIGRATIONS)}); upgrade quota-proxy"
+                )
+            for number, name in enumerate(MIGRATIONS[version:], start=version + 1):
+                script = resources.files("quota_proxy.store").joinpath(name).read_text()
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(MIGRATIONS)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _account(row: Any) -> Account:
+    return Account(*row)
+
+
+def _key(row: Any) -> KeyRecord:
+    values = list(row)
+    values[8] = tuple(orjson.loads(values[8])) if values[8] is not None else None
+    values[9] = bool(values[9])
+    return KeyRecord(*values)
+
+
+def _ledger(row: Any) -> LedgerEntry:
+    return LedgerEntry(*row)
+
+
+class SqliteStore:
+    """The store interface over one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._tx: aiosqlite.Connection | None = None
+        self._tx_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(migrate, self.path)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._tx = await aiosqlite.connect(self.path, isolation_level=None)
+        for conn in (self._db, self._tx):
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+
+    async def close(self) -> None:
+        for conn in (self._db, self._tx):
+            if conn is not None:
+                await conn.close()
+        self._db = self._tx = None
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        rows = await self.db.execute_fetchall(sql, tuple(params))
+        return next(iter(rows), None)
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        return list(await self.db.execute_fetchall(sql, tuple(params)))
+
+    async def ping(self) -> None:
+        await self._one("SELECT count(*) FROM accounts")
+
+    # -- accounts -----------------------------------------------------------------
+
+    async def create_account(self, name: str) -> Account:
+        try:
+            row = await self._one(
+                f"INSERT INTO accounts (public_id, kind, name, created_at) "
+                f"VALUES (?, 'developer', ?, ?) RETURNING {_ACCOUNT_COLUMNS}",
+                (new_id("acct"), name, now_ms()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"an account named {name!r} already exists") from None
+        return _account(row)
+
+    async def account_by_name(self, name: str) -> Account | None:
+        row = await self._one(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = ?",
+            (name,),
+        )
+        return _account(row) if row else None
+
+    async def account(self, account_id: int) -> Account | None:
+        row = await self._one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+        return _account(row) if row else None
+
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._all(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
+        )
+        return [_account(r) for r in rows]
+
+    async def user(self, developer_id: int, external_user_id: str) -> Account | None:
+        row = await self._one(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            "WHERE kind = 'user' AND parent_id = ? AND name = ?",
+            (developer_id, external_user_id),
+        )
+        return _account(row) if row else None
+
+    async def list_users(self, developer_id: int) -> list[Account]:
+        rows = await self._all(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            "WHERE kind = 'user' AND parent_id = ? ORDER BY name",
+            (developer_id,),
+        )
+        return [_account(r) for r in rows]
+
+    async def set_billing_mode(self, user_id: int, mode: str) -> None:
+        await self.db.execute(
+            "UPDATE accounts SET billing_mode = ? WHERE id = ? AND kind = 'user'", (mode, user_id)
+        )
+
+    # -- ledger -------------------------------------------------------------------
+
+    async def credit(
+        self, account_id: int, amount: int, kind: str, description: str = ""
+    ) -> LedgerEntry:
+        """A purchase, credit, refund or adjustment: one ledger row, one statement."""
+        row = await self._one(
+            f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
+            f"description, created_at) SELECT ?, id, ?, balance + ?, ?, ?, ? FROM accounts "
+            f"WHERE id = ? RETURNING {_LEDGER_COLUMNS}",
+            (new_id("ledg"), amount, amount, kind, description, now_ms(), account_id),
+        )
+        if row is None:
+            raise ValueError("no such account")
+        return _ledger(row)
+
+    async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
+        rows = await self._all(
+            f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+            (account_id, limit),
+        )
+        return [_ledger(r) for r in rows]
+
+    async def verify_ledger(self) -> list[dict[str, Any]]:
+        """Accounts whose balance differs from the sum of their ledger, or whose held
+        amount differs from their open holds. Empty means the books reconcile."""
+        rows = await self._all(
+            """
+            SELECT a.id, a.kind, a.name, a.balance, a.held,
+                   coalesce((SELECT sum(amount) FROM ledger WHERE account_id = a.id), 0),
+                   coalesce((SELECT sum(amount) FROM holds WHERE account_id = a.id), 0)
+            FROM accounts a
+            """
+        )
+        problems = []
+        for acc_id, kind, name, balance, held, ledger_sum, holds_sum in rows:
+            if balance != ledger_sum or held != holds_sum:
+                problems.append(
+                    {
+                        "account_id": acc_id,
+                        "kind": kind,
+                        "name": name,
+                        "balance": balance,
+                        "ledger_sum": ledger_sum,
+                        "held": held,
+                        "open_holds": holds_sum,
+                    }
+                )
+        return problems
+
+    # -- keys ---------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        account_id: int,
+        kind: str,
+        digest: str,
+        prefix: str,
+        name: str = "",
+        routes: tuple[str, ...] | None = None,
+        allow_community: bool = True,
+        expires_at: int | None = None,
+    ) -> KeyRecord:
+        row = await self._one(
+            "INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, routes, "
+            "allow_community, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "RETURNING id",
+            (
+                new_id("key"),
+                account_id,
+                kind,
+                name,
+                digest,
+                prefix,
+                orjson.dumps(list(routes)).decode() if routes is not None else None,
+                int(allow_community),
+                expires_at,
+                now_ms(),
+            ),
+        )
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            "WHERE k.id = ?",
+            (row[0],),
+        )
+        return _key(rows[0])
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        row = await self._one(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            "WHERE k.digest = ?",
+            (digest,),
+        )
+        return _key(row) if row else None
+
+    async def list_keys(self, account_id: int | None = None) -> list[KeyRecord]:
+        where, params = ("WHERE k.account_id = ?", (account_id,)) if account_id else ("", ())
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            f"{where} ORDER BY k.id",
+            params,
+        )
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, id_or_prefix: str) -> list[KeyRecord]:
+        """Revoke by public id or display prefix; refuses an ambiguous prefix."""
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            "WHERE k.public_id = ? OR k.prefix = ?",
+            (id_or_prefix, id_or_prefix),
+        )
+        keys = [_key(r) for r in rows]
+        if len(keys) > 1:
+            raise ValueError(
+                f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "
+                + ", ".join(k.public_id for k in keys)
+            )
+        if keys:
+            await self.db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (now_ms(), keys[0].id),
+            )
+        return keys
+
+    # -- holds and settlement -----------------------------------------------------
+
+    async def take_hold(
+        self, account_id: int, amount: int, request_id: str, owner: str, ttl_ms: int
+    ) -> int:
+        """Reserve amount against the available balance, atomically; InsufficientFunds if it does not fit."""
+        now = now_ms()
+        try:
+            row = await self._one(
+                "INSERT INTO holds (account_id, amount, request_id, owner, expires_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (account_id, amount, request_id, owner, now + ttl_ms, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            if "insufficient_balance" not in str(exc):
+                raise
+            raise InsufficientFunds(await self.available(account_id)) from None
+        return int(row[0])
+
+    async def available(self, account_id: int) -> int:
+        row = await self._one("SELECT balance - held FROM accounts WHERE id = ?", (account_id,))
+        return int(row[0]) if row else 0
+
+    async def settle(self, s: Settlement) -> str | None:
+        """Charge, release the hold, record usage: one statement. Returns the ledger id."""
+        ledger_id = new_id("ledg") if s.charged > 0 else None
+        await self.db.execute(
+            "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
+            "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
+            "estimated, outcome, status, ledger_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                s.request_id,
+                s.account_id,
+                s.user_id,
+                s.charged_account_id,
+                s.key_id,
+                s.hold_id,
+                s.route,
+                s.upstream_model,
+                s.input_tokens,
+                s.output_tokens,
+                s.multiplier,
+                s.charged,
+                int(s.estimated),
+                s.outcome,
+                s.status,
+                ledger_id,
+                now_ms(),
+            ),
+        )
+        return ledger_id
+
+    async def release_hold(self, hold_id: int) -> None:
+        await self.db.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+
+    async def refresh_holds(self, owner: str, ttl_ms: int) -> None:
+        """Keep this process's in-flight holds alive; a crashed process stops doing this."""
+        await self.db.execute(
+            "UPDATE holds SET expires_at = ? WHERE owner = ?", (now_ms() + ttl_ms, owner)
+        )
+
+    async def release_expired_holds(self) -> int:
+        cursor = await self.db.execute("DELETE FROM holds WHERE expires_at < ?", (now_ms(),))
+        return cursor.rowcount
+
+    async def open_holds(self) -> int:
+        row = await self._one("SELECT count(*) FROM holds")
+        return int(row[0])
+
+    # -- usage --------------------------------------------------------------------
+
+    async def usage(self, account_id: int, days: int = 30, user_id: int | None = None) -> list[UsageRow]:
+        since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86400))
+        user_filter = "AND u.user_id = ?" if user_id is not None else ""
+        params: tuple[Any, ...] = (account_id, since) + ((user_id,) if user_id is not None else ())
+        rows = await self._all(
+            f"""
+            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged
+            FROM usage_daily u LEFT JOIN accounts usr ON usr.id = u.user_id AND u.user_id != 0
+            WHERE u.account_id = ? AND u.day >= ? {user_filter}
+            ORDER BY u.day, u.route, usr.name
+            """,
+            params,
+        )
+        return [UsageRow(*r) for r in rows]
+
+    # -- funding ------------------------------------------------------------------
+
+    async def grant(
+        self,
+        developer_id: int,
+        external_user_id: str,
+        amount: int,
+        description: str,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Move amount from the developer's pool to the user, in one transaction.
+
+        Returns the grant's facts and whether they are a replay of an earlier grant
+        with the same idempotency key. Raises IdempotencyMismatch or InsufficientFunds.
+        """
+        assert self._tx is not None
+        tx = self._tx
+        async with self._tx_lock:
+            await tx.execute("BEGIN IMMEDIATE")
+            try:
+                result = await self._grant_in_tx(
+                    tx, developer_id, external_user_id, amount, description,
+                    idempotency_key, request_hash,
+                )
+            except BaseException:
+                await tx.execute("ROLLBACK")
+                raise
+            await tx.execute("COMMIT")
+            return result
+
+    async def _grant_in_tx(
+        self,
+        tx: aiosqlite.Connection,
+        developer_id: int,
+        external_user_id: str,
+        amount: int,
+        description: str,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[dict[str, Any], bool]:
+        now = now_ms()
+        if idempotency_key is not None:
+            rows = list(
+                await tx.execute_fetchall(
+                    "SELECT request_hash, response FROM idempotency WHERE account_id = ? AND key = ?",
+                    (developer_id, idempotency_key),
+                )
+            )
+            if rows:
+                if rows[0][0] != request_hash:
+                    raise IdempotencyMismatch()
+                return orjson.loads(rows[0][1]), True
+        dev = list(
+            await tx.execute_fetchall(
+                "SELECT balance - held FROM accounts WHERE id = ?", (developer_id,)
+            )
+        )
+        available = int(dev[0][0])
+        if available < amount:
+            raise InsufficientFunds(available)
+        await tx.execute(
+            "INSERT INTO accounts (public_id, kind, name, parent_id, created_at) "
+            "VALUES (?, 'user', ?, ?, ?) ON CONFLICT DO NOTHING",
+            (new_id("user"), external_user_id, developer_id, now),
+        )
+        user = list(
+            await tx.execute_fetchall(
+                "SELECT id, balance, billing_mode FROM accounts "
+                "WHERE kind = 'user' AND parent_id = ? AND name = ?",
+                (developer_id, external_user_id),
+            )
+        )[0]
+        user_id, balance_before, billing_mode = user
+        dev_ledger, user_ledger = new_id("ledg"), new_id("ledg")
+        insert = (
+            "INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
+            "idempotency_key, related_id, description, created_at) "
+            "SELECT ?, id, ?, balance + ?, 'grant', ?, ?, ?, ? FROM accounts WHERE id = ? "
+            "RETURNING balance_after"
+        )
+        dev_after = list(
+            await tx.execute_fetchall(
+                insert,
+                (dev_ledger, -amount, -amount, idempotency_key, user_ledger, description, now,
+                 developer_id),
+            )
+        )[0][0]
+        user_after = list(
+            await tx.execute_fetchall(
+                insert,
+                (user_ledger, amount, amount, idempotency_key, dev_ledger, description, now,
+                 user_id),
+            )
+        )[0][0]
+        facts = {
+            "external_user_id": external_user_id,
+            "amount": amount,
+            "balance_before": balance_before,
+            "balance_after": user_after,
+            "ledger_id": user_ledger,
+            "developer_ledger_id": dev_ledger,
+            "developer_balance_after": dev_after,
+            "billing_mode": billing_mode,
+            "description": description,
+            "created_at": now,
+        }
+        if idempotency_key is not None:
+            await tx.execute(
+                "INSERT INTO idempotency (account_id, key, request_hash, response, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (developer_id, idempotency_key, request_hash, orjson.dumps(facts), now),
+            )
+        return facts, False
+
+    async def purge_idempotency(self, older_than_ms: int) -> int:
+        cursor = await self.db.execute(
+            "DELETE FROM idempotency WHERE created_at < ?", (now_ms() - older_than_ms,)
+        )
+        return cursor.rowcount
