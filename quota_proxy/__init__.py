@@ -1,0 +1,36 @@
+"""quota-proxy: a self-hosted, OpenAI-compatible LLM gateway with prepaid balances.
+
+Use it as a server (`quota-proxy serve`) or as an ASGI library::
+
+    from quota_proxy import create_app
+    app = create_app("quota-proxy.toml")
+
+AuthMiddleware and MeteringMiddleware are public and can wrap another ASGI app that
+serves OpenAI-compatible endpoints of its own.
+"""
+
+from quota_proxy.app import Gateway, create_app
+from quota_proxy.auth import AuthMiddleware, KeyCache
+from quota_proxy.config import ConfigError, Route, Settings, Upstream, load_settings, parse_settings
+from quota_proxy.metering import Billing, MeteringMiddleware
+from quota_proxy.routing import RouteTable
+from quota_proxy.store import SqliteStore
+
+__all__ = [
+    "AuthMiddleware",
+    "Billing",
+    "ConfigError",
+    "Gateway",
+    "KeyCache",
+    "MeteringMiddleware",
+    "Route",
+    "RouteTable",
+    "Settings",
+    "SqliteStore",
+    "Upstream",
+    "create_app",
+    "load_settings",
+    "parse_settings",
+]
+
+__version__ = "0.1.0"

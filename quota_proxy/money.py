@@ -111,3 +111,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+
+
+def format_usd(amount: Decimal) -> str:
+    """A Decimal dollar amount as '$20.00' (two decimals at least, exact beyond)."""
+    sign = "-" if amount < 0 else ""
+    text = format(abs(amount).normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"{sign}${whole}.{frac.rstrip('0').ljust(2, '0')}"

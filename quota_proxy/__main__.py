@@ -1,0 +1,3 @@
+from quota_proxy.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Endpoints grouped by audience: inference (metering + upstream), account, funding, ops."""

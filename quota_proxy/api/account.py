@@ -1,0 +1,157 @@
+"""Endpoints any key may call about its own account: models, balance, me; and public packages."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from quota_proxy.api.common import Services, external_user_id, query, user_view
+from quota_proxy.asgi import Receive, Scope, Send, send_json
+from quota_proxy.errors import UserNotFound
+from quota_proxy.money import format_usd
+from quota_proxy.store import KeyRecord
+
+USAGE_DAYS = 30
+_CENT_PRECISION = Decimal("0.0001")
+
+
+class AccountApi:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: KeyRecord = scope["quota.key"]
+        data = [
+            {
+                "id": r.alias,
+                "object": "model",
+                "created": 0,
+                "owned_by": "quota-proxy",
+                "description": r.description,
+                "route_multiplier": str(r.multiplier),
+                "streaming": r.stream,
+                "tier": r.tier,
+                "max_output_tokens": r.max_output_tokens,
+            }
+            for r in self.s.routes.visible_to(key)
+        ]
+        await send_json(send, 200, {"object": "list", "data": data})
+
+    async def balance(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: KeyRecord = scope["quota.key"]
+        params = query(scope)
+        money = self.s.money
+        if "external_user_id" in params:
+            user = await self.s.store.user(key.account_id, external_user_id(params["external_user_id"]))
+            if user is None:
+                raise UserNotFound()
+            await send_json(send, 200, user_view(user, money))
+            return
+        account = await self.s.store.account(key.account_id)
+        assert account is not None
+        await send_json(
+            send,
+            200,
+            {
+                "object": "balance",
+                "account": account.name,
+                "balance": money.usd(account.balance),
+                "balance_quota_tokens": account.balance,
+                "held_quota_tokens": account.held,
+                "available": money.usd(account.available),
+                "available_quota_tokens": account.available,
+            },
+        )
+
+    async def me(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: KeyRecord = scope["quota.key"]
+        money = self.s.money
+        account = await self.s.store.account(key.account_id)
+        assert account is not None
+        rows = await self.s.store.usage(key.account_id, USAGE_DAYS)
+        total = _Totals()
+        by_route: dict[str, _Totals] = defaultdict(_Totals)
+        by_day: dict[str, _Totals] = defaultdict(_Totals)
+        by_user: dict[str, _Totals] = defaultdict(_Totals)
+        for row in rows:
+            for bucket in (total, by_route[row.route], by_day[row.day]):
+                bucket.add(row.requests, row.input_tokens, row.output_tokens, row.charged)
+            if row.user is not None:
+                by_user[row.user].add(row.requests, row.input_tokens, row.output_tokens, row.charged)
+        await send_json(
+            send,
+            200,
+            {
+                "object": "me",
+                "account": {
+                    "id": account.public_id,
+                    "name": account.name,
+                    "balance": money.usd(account.balance),
+                    "balance_quota_tokens": account.balance,
+                    "available_quota_tokens": account.available,
+                },
+                "key": {
+                    "id": key.public_id,
+                    "prefix": key.prefix,
+                    "kind": key.kind,
+                    "name": key.name,
+                    "routes": list(key.routes) if key.routes is not None else None,
+                    "allow_community": key.allow_community,
+                },
+                "usage": {
+                    "days": USAGE_DAYS,
+                    **total.view(money),
+                    "by_route": [{"route": k, **v.view(money)} for k, v in sorted(by_route.items())],
+                    "by_day": [{"day": k, **v.view(money)} for k, v in sorted(by_day.items())],
+                    "by_user": [
+                        {"external_user_id": k, **v.view(money)} for k, v in sorted(by_user.items())
+                    ],
+                },
+            },
+        )
+
+    async def packages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        money = self.s.money
+        data = []
+        for p in self.s.settings.packages:
+            rate = money.rate_per_usd(p.quota_tokens, p.price_usd)
+            per_million = (
+                format_usd((p.price_usd * 1_000_000 / p.quota_tokens).quantize(_CENT_PRECISION))
+                if p.quota_tokens
+                else None
+            )
+            data.append(
+                {
+                    "id": p.id,
+                    "object": "package",
+                    "name": p.name,
+                    "price": format_usd(p.price_usd),
+                    "quota_tokens": p.quota_tokens,
+                    "quota_tokens_per_usd": rate,
+                    "usd_per_million_quota_tokens": per_million,
+                }
+            )
+        await send_json(send, 200, {"object": "list", "data": data})
+
+
+class _Totals:
+    __slots__ = ("requests", "input_tokens", "output_tokens", "charged")
+
+    def __init__(self) -> None:
+        self.requests = self.input_tokens = self.output_tokens = self.charged = 0
+
+    def add(self, requests: int, inp: int, out: int, charged: int) -> None:
+        self.requests += requests
+        self.input_tokens += inp
+        self.output_tokens += out
+        self.charged += charged
+
+    def view(self, money: Any) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "charged_quota_tokens": self.charged,
+            "charged": money.usd(self.charged),
+        }

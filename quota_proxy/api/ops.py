@@ -1,0 +1,34 @@
+"""Operations endpoints: liveness, readiness, metrics. Public: no key needed."""
+
+from __future__ import annotations
+
+from quota_proxy.api.common import Services
+from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
+from quota_proxy.errors import QuotaError
+
+
+class NotReady(QuotaError):
+    status, code, type = 503, "not_ready", "api_error"
+    default_message = "The store is not usable."
+
+
+class OpsApi:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.s.store.ping()
+        except Exception as exc:  # any store failure means "not ready", never a 500
+            raise NotReady(f"The store is not usable: {type(exc).__name__}.") from None
+        await send_json(send, 200, {"status": "ready", "routes": len(self.s.routes.routes)})
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        holds = await self.s.store.open_holds()
+        await send_bytes(
+            send, 200, self.s.metrics.render(open_holds=holds),
+            content_type=b"text/plain; version=0.0.4; charset=utf-8",
+        )

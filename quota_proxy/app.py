@@ -1,0 +1,180 @@
+"""create_app(): the gateway as one ASGI app. Its lifespan owns the store, the upstream
+client and the hold-keeping task; nothing is built at import time.
+
+A request reads top to bottom:
+RequestContext -> Auth -> dispatch -> Metering (hold) -> UpstreamProxy -> Metering (settle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+
+from quota_proxy.api.account import AccountApi
+from quota_proxy.api.common import Services
+from quota_proxy.api.funding import FundingApi
+from quota_proxy.api.ops import OpsApi
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.auth import AuthMiddleware, KeyCache
+from quota_proxy.config import Settings, load_settings, default_config_path
+from quota_proxy.context import RequestContextMiddleware
+from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.metering import MeteringMiddleware
+from quota_proxy.metrics import Metrics
+from quota_proxy.routing import RouteTable
+from quota_proxy.store import SqliteStore
+from quota_proxy.upstream import UpstreamProxy, create_client
+
+logger = logging.getLogger("quota_proxy")
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages"})
+MAINTENANCE_INTERVAL_S = 5.0
+IDEMPOTENCY_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+class Gateway:
+    """The ASGI app. Build it with create_app()."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: SqliteStore | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or SqliteStore(settings.store.path)
+        self._own_client = http_client is None
+        self.http_client = http_client or create_client()
+        self.owner = f"{os.getpid()}-{os.urandom(4).hex()}"
+        routes = RouteTable(settings.routes)
+        keys = KeyCache(self.store)
+        metrics = Metrics()
+        self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
+        inference = MeteringMiddleware(
+            UpstreamProxy(self.http_client), self.store, settings, routes, self.owner
+        )
+        account = AccountApi(self.services)
+        funding = FundingApi(self.services, inference)
+        ops = OpsApi(self.services)
+        self._exact: dict[str, dict[str, ASGIApp]] = {
+            "/v1/chat/completions": {"POST": inference},
+            "/v1/completions": {"POST": inference},
+            "/v1/embeddings": {"POST": inference},
+            "/v1/models": {"GET": account.models},
+            "/v1/balance": {"GET": account.balance},
+            "/v1/me": {"GET": account.me},
+            "/v1/packages": {"GET": account.packages},
+            "/v1/funding/grant": {"POST": funding.grant},
+            "/healthz": {"GET": ops.healthz},
+            "/readyz": {"GET": ops.readyz},
+            "/metrics": {"GET": ops.metrics},
+        }
+        self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
+            "balance": {"GET": funding.user_balance},
+            "": {"PATCH": funding.update_user},
+            "chat/completions": {"POST": funding.user_completion},
+        }
+        self._app: ASGIApp = RequestContextMiddleware(
+            AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self._app(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            methods = self._exact.get(path)
+            if methods is not None:
+                handler = methods.get(method)
+                if handler is None:
+                    raise MethodNotAllowed()
+                await handler(scope, receive, send)
+                return
+            if path.startswith("/v1/users/"):
+                user_id, _, rest = path[len("/v1/users/") :].partition("/")
+                user_methods = self._user_routes.get(rest)
+                if user_methods is None or not user_id:
+                    raise NotFound()
+                user_handler = user_methods.get(method)
+                if user_handler is None:
+                    raise MethodNotAllowed()
+                await user_handler(scope, receive, send, user_id)
+                return
+            raise NotFound()
+        except QuotaError as error:
+            await error.send(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Open the store and start the hold keeper; the app serves only inside this."""
+        await self.store.open()
+        await self.store.release_expired_holds()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_holds)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            if self._own_client:
+                await self.http_client.aclose()
+            await self.store.close()
+
+    async def _keep_holds(self) -> None:
+        """Refresh this process's holds, release expired ones (a crashed process's), purge old keys."""
+        ttl_ms = self.settings.billing.hold_ttl_s * 1000
+        while True:
+            await anyio.sleep(MAINTENANCE_INTERVAL_S)
+            try:
+                await self.store.refresh_holds(self.owner, ttl_ms)
+                await self.store.release_expired_holds()
+                await self.store.purge_idempotency(IDEMPOTENCY_TTL_MS)
+            except Exception as exc:  # a busy store must not kill the keeper; it retries
+                logger.warning("hold maintenance failed: %s", exc)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with self.running():
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+        except Exception as exc:
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def create_app(
+    settings: Settings | str | os.PathLike[str] | None = None,
+    *,
+    store: SqliteStore | None = None,
+    http_client: httpx.AsyncClient | None = None,
+) -> Gateway:
+    """Build the gateway from Settings or a TOML path (default: $QUOTA_PROXY_CONFIG)."""
+    if settings is None:
+        settings = default_config_path()
+    if not isinstance(settings, Settings):
+        settings = load_settings(settings)
+    return Gateway(settings, store=store, http_client=http_client)
+
+
+def app_from_environment() -> Any:
+    """The uvicorn factory used by `serve --workers N`: each worker loads the config itself."""
+    return create_app(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())

@@ -1,0 +1,381 @@
+"""The `quota-proxy` command: parses arguments, calls admin/serve/demo, prints tables or JSON.
+
+Every command takes --config PATH before or after the subcommand, and --json where it
+prints data (one JSON document on stdout, nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from quota_proxy import admin
+from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
+from quota_proxy.store import SqliteStore, StoreError
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="config file (default: $QUOTA_PROXY_CONFIG, else ./quota-proxy.toml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document")
+    parser = argparse.ArgumentParser(prog="quota-proxy", parents=[common],
+                                     description="A self-hosted OpenAI-compatible gateway with prepaid balances.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, parents=[common], help=help, description=help)
+
+    p = cmd("serve", "run the gateway")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = cmd("demo", "run the gateway on a temporary store with a built-in demo upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    config = cmd("config", "configuration").add_subparsers(dest="action", required=True, metavar="ACTION")
+    cmd("check", "validate the config and print the routes", config)
+
+    accounts = cmd("accounts", "developer accounts").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("create", "create a developer account, optionally funded", accounts)
+    p.add_argument("name")
+    _amount_args(p)
+    cmd("list", "accounts with balances", accounts)
+
+    keys = cmd("keys", "API keys").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("create", "create a key; it is printed once", keys)
+    p.add_argument("--account", required=True)
+    p.add_argument("--kind", required=True, choices=["live", "secret"])
+    p.add_argument("--name", default="", metavar="LABEL")
+    p.add_argument("--routes", help="comma-separated aliases this key may use")
+    p.add_argument("--no-community", action="store_true", help="refuse community-tier routes")
+    p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (end of day, UTC) or ISO datetime")
+    p = cmd("list", "list keys (never the keys themselves)", keys)
+    p.add_argument("--account")
+    p = cmd("revoke", "revoke a key by id or display prefix", keys)
+    p.add_argument("key", metavar="ID_OR_PREFIX")
+
+    p = cmd("credit", "record a purchase or credit")
+    p.add_argument("--account", required=True)
+    group = _amount_args(p, required=True)
+    group.add_argument("--package", metavar="ID")
+    p.add_argument("--description")
+
+    p = cmd("balance", "an account's or an app user's balance")
+    p.add_argument("--account", required=True)
+    p.add_argument("--user", metavar="EXTERNAL_ID")
+
+    p = cmd("usage", "usage per route and per day")
+    p.add_argument("--account", required=True)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--user", metavar="EXTERNAL_ID")
+
+    ledger = cmd("ledger", "the audit ledger").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("list", "an account's ledger, newest first", ledger)
+    p.add_argument("--account", required=True)
+    p.add_argument("--user", metavar="EXTERNAL_ID")
+    p.add_argument("--limit", type=int, default=50)
+    cmd("verify", "check balance = sum(ledger) and held = open holds for every account", ledger)
+
+    p = cmd("grant", "grant an app user balance from an account's grant pool")
+    p.add_argument("--account", required=True)
+    p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
+    p.add_argument("--usd", required=True)
+    p.add_argument("--idempotency-key")
+    p.add_argument("--description", default="")
+
+    users = cmd("users", "an account's app users").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("list", "users with balances", users)
+    p.add_argument("--account", required=True)
+    p = cmd("show", "one user", users)
+    p.add_argument("--account", required=True)
+    p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
+    p = cmd("set-mode", "whose balance the user's completions charge", users)
+    p.add_argument("--account", required=True)
+    p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
+    p.add_argument("mode", choices=["user", "developer"])
+    return parser
+
+
+def _amount_args(p: argparse.ArgumentParser, required: bool = False) -> Any:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--usd", metavar="X")
+    group.add_argument("--quota-tokens", type=int, metavar="N")
+    return group
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config_path = Path(getattr(args, "config", None) or default_config_path())
+    as_json = getattr(args, "json", False)
+    if args.command == "demo":
+        from quota_proxy.demo import run_demo
+
+        run_demo(args.host, args.port)
+        return
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"quota-proxy: invalid config {config_path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.command in ("serve", "config"):
+        for warning in settings.warnings:
+            print(f"quota-proxy: warning: {warning}", file=sys.stderr)
+    if args.command == "serve":
+        from quota_proxy.serve import serve
+
+        serve(settings, config_path, host=args.host, port=args.port, workers=args.workers,
+              log_level=args.log_level)
+        return
+    if args.command == "config":
+        _print(as_json, _config_view(settings), _config_table)
+        return
+    try:
+        data, table = asyncio.run(_run_store_command(args, settings))
+    except admin.AdminError as exc:
+        print(f"quota-proxy: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except StoreError as exc:
+        print(f"quota-proxy: store error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    _print(as_json, data, table)
+    if args.command == "ledger" and args.action == "verify" and data["problems"]:
+        sys.exit(EXIT_ERROR)
+
+
+Table = Callable[[Any], str]
+
+
+def _print(as_json: bool, data: Any, table: Table) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(table(data))
+
+
+async def _run_store_command(args: argparse.Namespace, settings: Settings) -> tuple[Any, Table]:
+    async with SqliteStore(settings.store.path) as store:
+        handler = _HANDLERS[(args.command, getattr(args, "action", None))]
+        return await handler(args, settings, store)
+
+
+Handler = Callable[[argparse.Namespace, Settings, SqliteStore], Awaitable[tuple[Any, Table]]]
+_HANDLERS: dict[tuple[str, str | None], Handler] = {}
+
+
+def _handles(command: str, action: str | None = None) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[(command, action)] = fn
+        return fn
+
+    return register
+
+
+@_handles("accounts", "create")
+async def _accounts_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
+    data = await admin.create_account(store, s, args.name, amount)
+    return data, lambda d: f"created account {d['name']} ({d['id']}), balance {d['balance']}\n"
+
+
+@_handles("accounts", "list")
+async def _accounts_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    data = [admin.account_view(a, s) for a in await store.list_accounts()]
+    return data, lambda d: _table(d, ["name", "id", "balance", "balance_quota_tokens", "held_quota_tokens"])
+
+
+@_handles("keys", "create")
+async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    routes = tuple(r.strip() for r in args.routes.split(",") if r.strip()) if args.routes else None
+    data = await admin.create_key(store, s, args.account, args.kind, args.name, routes,
+                                  not args.no_community, args.expires)
+    return data, lambda d: (
+        f"{d['key']}\n"
+        f"# {d['kind']} key {d['id']} for account {d['account']}: shown once, store it now\n"
+    )
+
+
+@_handles("keys", "list")
+async def _keys_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    account_id = (await admin.developer(store, args.account)).id if args.account else None
+    data = [admin.key_view(k) for k in await store.list_keys(account_id)]
+    return data, lambda d: _table(d, ["id", "prefix", "account", "kind", "name", "expires_at", "revoked_at"])
+
+
+@_handles("keys", "revoke")
+async def _keys_revoke(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    try:
+        found = await store.revoke_key(args.key)
+    except ValueError as exc:
+        raise admin.AdminError(str(exc)) from None
+    if not found:
+        raise admin.AdminError(f"no key with id or prefix {args.key!r}")
+    data = {"revoked": found[0].public_id, "prefix": found[0].prefix}
+    return data, lambda d: f"revoked {d['revoked']} ({d['prefix']}…)\n"
+
+
+@_handles("credit")
+async def _credit(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
+    data = await admin.credit(store, s, args.account, amount, args.package, args.description)
+    return data, lambda d: (
+        f"{d['entry']['kind']} {d['entry']['amount']} to {d['account']}: "
+        f"balance {d['entry']['balance_after']} ({d['entry']['id']})\n"
+    )
+
+
+@_handles("balance")
+async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    account = await admin.developer(store, args.account)
+    if args.user:
+        user = await admin.app_user(store, account, args.user)
+        from quota_proxy.api.common import user_view
+
+        data = {"account": account.name, **user_view(user, s.money)}
+        return data, lambda d: f"{d['account']}/{d['external_user_id']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, billing mode {d['billing_mode']})\n"
+    data = admin.account_view(account, s)
+    return data, lambda d: f"{d['name']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, {d['held_quota_tokens']} held)\n"
+
+
+@_handles("usage")
+async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    account = await admin.developer(store, args.account)
+    user_id = (await admin.app_user(store, account, args.user)).id if args.user else None
+    rows = await store.usage(account.id, args.days, user_id)
+    data = {
+        "account": account.name,
+        "days": args.days,
+        "rows": [
+            {"day": r.day, "route": r.route, "user": r.user, "requests": r.requests,
+             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+             "charged_quota_tokens": r.charged, "charged": s.money.usd(r.charged)}
+            for r in rows
+        ],
+    }
+    return data, lambda d: _table(d["rows"], ["day", "route", "user", "requests", "input_tokens",
+                                              "output_tokens", "charged_quota_tokens"])
+
+
+@_handles("ledger", "list")
+async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    account = await admin.developer(store, args.account)
+    target = await admin.app_user(store, account, args.user) if args.user else account
+    data = [admin.ledger_view(e, s) for e in await store.ledger(target.id, args.limit)]
+    return data, lambda d: _table(d, ["id", "created_at", "kind", "amount_quota_tokens",
+                                      "balance_after_quota_tokens", "request_id", "description"])
+
+
+@_handles("ledger", "verify")
+async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    problems = await store.verify_ledger()
+    accounts = len(await store._all("SELECT id FROM accounts"))
+    data = {"ok": not problems, "accounts": accounts, "problems": problems}
+
+    def table(d: Any) -> str:
+        if d["ok"]:
+            return f"ledger ok: {d['accounts']} accounts, every balance = sum of its ledger\n"
+        return "LEDGER MISMATCH\n" + _table(d["problems"], list(d["problems"][0]))
+
+    return data, table
+
+
+@_handles("grant")
+async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    data = await admin.grant(store, s, args.account, args.user, args.usd, args.idempotency_key,
+                             args.description)
+    return data, lambda d: (
+        f"granted {d['amount_granted']} to {d['external_user_id']}: {d['balance_before']} -> "
+        f"{d['balance_after']}{' (duplicate: nothing granted)' if d['duplicate'] else ''}\n"
+    )
+
+
+@_handles("users", "list")
+async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.api.common import user_view
+
+    account = await admin.developer(store, args.account)
+    data = [user_view(u, s.money) for u in await store.list_users(account.id)]
+    return data, lambda d: _table(d, ["external_user_id", "balance", "balance_quota_tokens", "billing_mode"])
+
+
+@_handles("users", "show")
+async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.api.common import user_view
+
+    account = await admin.developer(store, args.account)
+    data = user_view(await admin.app_user(store, account, args.user), s.money)
+    return data, lambda d: _table([d], list(d))
+
+
+@_handles("users", "set-mode")
+async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.api.common import user_view
+
+    account = await admin.developer(store, args.account)
+    user = await admin.app_user(store, account, args.user)
+    await store.set_billing_mode(user.id, args.mode)
+    data = user_view(await admin.app_user(store, account, args.user), s.money)
+    return data, lambda d: f"{d['external_user_id']}: billing mode {d['billing_mode']}\n"
+
+
+def _config_view(settings: Settings) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "config": str(settings.source) if settings.source else None,
+        "store": str(settings.store.path),
+        "warnings": list(settings.warnings),
+        "routes": [
+            {"alias": r.alias, "upstream": r.upstream.name, "base_url": r.upstream.base_url,
+             "model": r.model, "multiplier": str(r.multiplier), "stream": r.stream, "tier": r.tier,
+             "max_output_tokens": r.max_output_tokens}
+            for r in settings.routes.values()
+        ],
+        "packages": [
+            {"id": p.id, "name": p.name, "price_usd": str(p.price_usd), "quota_tokens": p.quota_tokens}
+            for p in settings.packages
+        ],
+    }
+
+
+def _config_table(d: dict[str, Any]) -> str:
+    return f"config ok: {d['config']}\nstore: {d['store']}\n" + _table(
+        d["routes"], ["alias", "upstream", "model", "multiplier", "stream", "tier", "max_output_tokens"]
+    )
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)\n"
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

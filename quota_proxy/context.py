@@ -1,0 +1,74 @@
+"""The outermost middleware: a request id on every response, one access-log line per
+request, and a last-resort JSON 500 so that no stack trace ever reaches a client."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
+from quota_proxy.errors import QuotaError
+
+access_log = logging.getLogger("quota_proxy.access")
+error_log = logging.getLogger("quota_proxy.error")
+
+REQUEST_ID_HEADER = b"x-quota-request-id"
+
+# Called once per request with the finished access-log record.
+Observer = Callable[[dict[str, Any]], None]
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, observers: tuple[Observer, ...] = ()) -> None:
+        self.app = app
+        self.observers = observers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope["quota.request_id"] = request_id
+        log: dict[str, Any] = {}
+        scope["quota.log"] = log
+        started = time.perf_counter()
+        status = 0
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientGone:
+            status = status or 499
+        except Exception as exc:
+            error_log.error(
+                "unhandled %s in request %s", type(exc).__name__, request_id, exc_info=exc
+            )
+            if status == 0:
+                await QuotaError().send(scope, receive, send_with_id)
+            status = status or 500
+        finally:
+            log["request_id"] = request_id
+            log["method"] = scope["method"]
+            log["path"] = scope["path"]
+            log["status"] = status
+            log["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            for observe in self.observers:
+                observe(log)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(orjson.dumps(log).decode())

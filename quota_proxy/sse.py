@@ -1,0 +1,158 @@
+"""Incremental SSE handling for metering: find the usage event, pass the rest through untouched.
+
+Upstream reads are cut at event boundaries (a partial event waits for its end), and a run of
+complete events that holds no usage object is forwarded as the very bytes that arrived.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+# Given the parsed usage event, return the bytes to send in its place (b"" to drop it).
+UsageHandler = Callable[[dict[str, Any]], bytes]
+
+
+class SSEMeter:
+    """Feeds upstream bytes, yields bytes for the caller, and remembers what was delivered."""
+
+    __slots__ = ("_pending", "_on_usage", "delivered", "saw_usage")
+
+    def __init__(self, on_usage: UsageHandler) -> None:
+        self._pending = b""
+        self._on_usage = on_usage
+        self.delivered: list[bytes] = []
+        self.saw_usage = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = _last_boundary(data)
+        if end < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:end], data[end:]
+        if _USAGE_OBJECT.search(complete) is None:
+            self.delivered.append(complete)
+            return complete
+        out = []
+        for event in _split_events(complete):
+            payload = _data_payload(event)
+            parsed = _parse_usage_event(payload) if payload is not None else None
+            if parsed is not None:
+                self.saw_usage = True
+                event = self._on_usage(parsed)
+            else:
+                self.delivered.append(event)
+            out.append(event)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """What is left when the upstream ends without a final blank line."""
+        rest, self._pending = self._pending, b""
+        if rest:
+            self.delivered.append(rest)
+        return rest
+
+    def delivered_text(self) -> str:
+        """The completion text the caller received, for estimating a stream cut short."""
+        parts: list[str] = []
+        for block in self.delivered:
+            for event in _split_events(block):
+                payload = _data_payload(event)
+                if not payload or payload == b"[DONE]":
+                    continue
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                parts.extend(_choice_texts(obj))
+        return "".join(parts)
+
+
+def _last_boundary(data: bytes) -> int:
+    """Index just past the last event boundary, or -1."""
+    end = -1
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = data.rfind(sep)
+        if i >= 0:
+            end = max(end, i + len(sep))
+    return end
+
+
+def _split_events(block: bytes) -> list[bytes]:
+    """Events with their trailing blank line kept, so joining them gives back block."""
+    events = []
+    start = 0
+    for m in _BOUNDARY.finditer(block):
+        events.append(block[start : m.end()])
+        start = m.end()
+    if start < len(block):
+        events.append(block[start:])
+    return events
+
+
+def _data_payload(event: bytes) -> bytes | None:
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(lines)
+
+
+def _parse_usage_event(payload: bytes) -> dict[str, Any] | None:
+    if _USAGE_OBJECT.search(payload) is None:
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+        return obj
+    return None
+
+
+def _choice_texts(obj: Any) -> list[str]:
+    if not isinstance(obj, dict):
+        return []
+    texts = []
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for field in ("content", "reasoning_content", "refusal"):
+                if isinstance(delta.get(field), str):
+                    texts.append(delta[field])
+            for call in delta.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    texts.append(fn["arguments"])
+        if isinstance(choice.get("text"), str):
+            texts.append(choice["text"])
+    return texts
+
+
+def choice_texts(obj: Any) -> str:
+    """The text of a whole (non-streamed) response, for estimating when usage is absent."""
+    if not isinstance(obj, dict):
+        return ""
+    parts: list[str] = []
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            if isinstance(message.get("content"), str):
+                parts.append(message["content"])
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    parts.append(fn["arguments"])
+        if isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+    return "".join(parts)

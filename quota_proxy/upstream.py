@@ -1,0 +1,190 @@
+"""The upstream side: one shared httpx client, header hygiene, and error translation.
+
+`UpstreamProxy` is an ASGI app that forwards the (already rewritten) request body to the
+route's upstream and relays the answer. It is the innermost room of the house: it knows
+nothing about money; metering wraps it.
+"""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
+from quota_proxy.config import Route
+from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
+
+# What the upstream answered, handed back to metering through the scope.
+OUTCOME_KEY = "quota.outcome"
+
+_RESPONSE_HEADERS_KEPT = frozenset({b"content-type", b"retry-after", b"x-request-id", b"openai-processing-ms"})
+
+
+def create_client(max_connections: int = 1000) -> httpx.AsyncClient:
+    """The one client the app shares: pooled, no cookies kept, no environment proxies."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=200),
+        timeout=httpx.Timeout(600.0, connect=10.0),
+        trust_env=False,
+        follow_redirects=False,
+        cookies=_NoCookies(),
+    )
+
+
+class _NoCookies(httpx.Cookies):
+    """A shared client must never carry one upstream reply's cookies into another user's request."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+def upstream_headers(route: Route, user_agent: bytes | None) -> dict[str, str]:
+    """Only what the upstream needs: never the caller's key, cookies or hop-by-hop headers."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    if user_agent:
+        headers["user-agent"] = user_agent.decode("latin-1")
+    if route.upstream.api_key:
+        headers["authorization"] = f"Bearer {route.upstream.api_key}"
+    return headers
+
+
+def relay_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in response.headers.raw if k.lower() in _RESPONSE_HEADERS_KEPT]
+
+
+def translate_status(response: httpx.Response, body: bytes) -> QuotaError | None:
+    """SPEC §3: 5xx and 401/403 are the gateway's problem (502); other 4xx pass through (None)."""
+    status = response.status_code
+    if status >= 500:
+        return UpstreamError(f"The upstream model server answered {status}.", upstream_status=status)
+    if status in (401, 403):
+        return UpstreamError(
+            "The upstream model server refused the gateway's credentials.", upstream_status=status
+        )
+    return None
+
+
+def translate_exception(exc: Exception) -> QuotaError:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.PoolTimeout):
+        return UpstreamTimeout()
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError("The upstream model server is unreachable.")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamError("Too many requests in flight to the upstream model server.")
+    return UpstreamError("The upstream model server closed the connection unexpectedly.")
+
+
+def stream_error_event(error: QuotaError) -> bytes:
+    """The last SSE event of a stream the upstream broke after it began."""
+    return b"data: " + error.json_bytes() + b"\n\n"
+
+
+class UpstreamProxy:
+    """Forwards POSTs to scope['quota.route'].upstream and relays the reply, streaming when asked."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route: Route = scope["quota.route"]
+        streaming: bool = scope.get("quota.stream", False)
+        body = await _read_all(receive)
+        url = route.upstream.base_url + scope["path"].removeprefix("/v1")
+        ua = None
+        for key, value in scope["headers"]:
+            if key == b"user-agent":
+                ua = value
+        request = self.client.build_request(
+            "POST",
+            url,
+            content=body,
+            headers=upstream_headers(route, ua),
+            timeout=httpx.Timeout(route.upstream.timeout_s, connect=route.upstream.connect_timeout_s),
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            scope[OUTCOME_KEY] = "upstream_error"
+            await translate_exception(exc).send(scope, receive, send)
+            return
+        try:
+            if streaming and response.status_code == 200:
+                await self._relay_stream(scope, receive, send, response)
+            else:
+                await self._relay_whole(scope, receive, send, response)
+        finally:
+            await response.aclose()
+
+    async def _relay_whole(
+        self, scope: Scope, receive: Receive, send: Send, response: httpx.Response
+    ) -> None:
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            scope[OUTCOME_KEY] = "upstream_error"
+            await translate_exception(exc).send(scope, receive, send)
+            return
+        error = translate_status(response, body)
+        if error is not None:
+            scope[OUTCOME_KEY] = "upstream_error"
+            await error.send(scope, receive, send)
+            return
+        scope[OUTCOME_KEY] = "ok" if response.status_code < 400 else "upstream_rejected"
+        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        headers = [(k, v) for k, v in relay_headers(response) if k.lower() != b"content-type"]
+        await send_bytes(send, response.status_code, body, headers, content_type)
+
+    async def _relay_stream(
+        self, scope: Scope, receive: Receive, send: Send, response: httpx.Response
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        outcome = "ok"
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                nonlocal outcome
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        outcome = "client_disconnected"
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError as exc:
+                outcome = "upstream_broken"
+                error = translate_exception(exc)
+                if isinstance(exc, httpx.ReadTimeout):
+                    error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
+                await send(
+                    {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}
+                )
+            tg.cancel_scope.cancel()
+        scope[OUTCOME_KEY] = outcome
+        if outcome != "client_disconnected":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message: Message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
