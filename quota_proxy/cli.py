@@ -284,7 +284,7 @@ async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore
 @_handles("ledger", "verify")
 async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
     problems = await store.verify_ledger()
-    accounts = len(await store._all("SELECT id FROM accounts"))
+    accounts = await store.account_count()
     data = {"ok": not problems, "accounts": accounts, "problems": problems}
 
     def table(d: Any) -> str:

@@ -41,6 +41,7 @@ class RequestContextMiddleware:
         log: dict[str, Any] = {}
         scope["quota.log"] = log
         started = time.perf_counter()
+        path = scope["path"]
         status = 0
         id_header = (REQUEST_ID_HEADER, request_id.encode())
 
@@ -65,7 +66,7 @@ class RequestContextMiddleware:
         finally:
             log["request_id"] = request_id
             log["method"] = scope["method"]
-            log["path"] = scope["path"]
+            log["path"] = path
             log["status"] = status
             log["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
             for observe in self.observers:

@@ -128,6 +128,7 @@ class MeteringMiddleware:
         wants_usage = bool(stream and options and options.get("include_usage") is True)
         _check_shape(payload, kind)
         cap_field, caller_cap = _caller_cap(payload, kind)
+        choices = _choices(payload, kind)
         output_cap = 0 if kind == "embeddings" else min(caller_cap or route.max_output_tokens, route.max_output_tokens)
         return _MeteredRequest(
             payload=payload,
@@ -137,6 +138,7 @@ class MeteringMiddleware:
             wants_usage=wants_usage,
             prompt_estimate=estimate_prompt_tokens(payload, kind),
             output_cap=output_cap,
+            choices=choices,
             cap_field=cap_field,
             billing=scope.get("quota.billing") or Billing(key.account_id, key.account_id),
             key_id=key.id,
@@ -150,7 +152,7 @@ class MeteringMiddleware:
         account = request.billing.charged_account_id
         available = 0
         for _ in range(HOLD_ATTEMPTS):
-            amount = mult.charge(request.prompt_estimate + cap)
+            amount = mult.charge(request.prompt_estimate + cap * request.choices)
             try:
                 hold_id = await self.store.take_hold(
                     account, max(amount, 1), request.request_id, self.owner, self.hold_ttl_ms
@@ -160,11 +162,12 @@ class MeteringMiddleware:
                 available = short.available
             if not self.overdraft_cap or request.kind == "embeddings":
                 break
-            cap = min(cap, mult.affordable_tokens(available) - request.prompt_estimate)
+            affordable = mult.affordable_tokens(available) - request.prompt_estimate
+            cap = min(cap, affordable // request.choices)
             if cap < 1:
                 break
-        minimum = request.prompt_estimate + (0 if request.kind == "embeddings" else 1)
-        required = mult.charge(request.prompt_estimate + request.output_cap)
+        minimum = request.prompt_estimate + (0 if request.kind == "embeddings" else request.choices)
+        required = mult.charge(request.prompt_estimate + request.output_cap * request.choices)
         if self.overdraft_cap:
             required = mult.charge(minimum)
         raise InsufficientBalance(required=max(required, 1), available=available)
@@ -208,6 +211,26 @@ def _caller_cap(payload: dict[str, Any], kind: str) -> tuple[str, int | None]:
     return chosen, value
 
 
+def _choices(payload: dict[str, Any], kind: str) -> int:
+    """How many completions one request may produce: n (or best_of) per prompt."""
+    if kind == "embeddings":
+        return 1
+    per_prompt = 1
+    for field in ("n", "best_of"):
+        raw = payload.get(field)
+        if raw is None:
+            continue
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 128:
+            raise BadRequest(f"'{field}' must be an integer from 1 to 128.", param=field)
+        per_prompt = max(per_prompt, raw)
+    prompts = 1
+    prompt = payload.get("prompt")
+    if kind == "completions" and isinstance(prompt, list) and prompt:
+        if all(isinstance(p, (str, list)) for p in prompt):
+            prompts = len(prompt)
+    return per_prompt * prompts
+
+
 @dataclass(slots=True)
 class _MeteredRequest:
     payload: dict[str, Any]
@@ -217,6 +240,7 @@ class _MeteredRequest:
     wants_usage: bool
     prompt_estimate: int
     output_cap: int
+    choices: int  # completions the upstream may write, each up to output_cap tokens
     cap_field: str
     billing: Billing
     key_id: int | None

@@ -162,7 +162,11 @@ class SqliteStore:
         return list(await self.db.execute_fetchall(sql, tuple(params)))
 
     async def ping(self) -> None:
-        await self._one("SELECT count(*) FROM accounts")
+        await self._one("SELECT 1 FROM accounts LIMIT 1")
+
+    async def account_count(self) -> int:
+        row = await self._one("SELECT count(*) FROM accounts")
+        return int(row[0])
 
     # -- accounts -----------------------------------------------------------------
 
