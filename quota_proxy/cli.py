@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     cmd("verify", "check balance = sum(ledger) and held = open holds for every account", ledger)
 
+    p = cmd("backup", "copy the store to a new file while the gateway serves (SQLite online backup)")
+    p.add_argument("path", type=Path)
+
     p = cmd("grant", "grant an app user balance from an account's grant pool")
     p.add_argument("--account", required=True)
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
@@ -293,6 +296,13 @@ async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteSto
         return "LEDGER MISMATCH\n" + _table(d["problems"], list(d["problems"][0]))
 
     return data, table
+
+
+@_handles("backup")
+async def _backup(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    size = await store.backup(args.path)
+    data = {"backup": str(args.path), "bytes": size, "store": str(s.store.path)}
+    return data, lambda d: f"backed up {d['store']} to {d['backup']} ({d['bytes']} bytes)\n"
 
 
 @_handles("grant")

@@ -164,6 +164,18 @@ class SqliteStore:
     async def ping(self) -> None:
         await self._one("SELECT 1 FROM accounts LIMIT 1")
 
+    async def backup(self, target: Path) -> int:
+        """A consistent copy of the live store through SQLite's online backup API; returns its size."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            raise StoreError(f"{target} exists; choose a new file")
+        dest = await aiosqlite.connect(target)
+        try:
+            await self.db.backup(dest)
+        finally:
+            await dest.close()
+        return target.stat().st_size
+
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")
         return int(row[0])
