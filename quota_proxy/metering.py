@@ -264,6 +264,14 @@ class _MeteredRequest:
     def dumps(self) -> bytes:
         return orjson.dumps(self.payload)
 
+    def charge(self, usage: Usage) -> int:
+        """The charge for this usage. Output past the cap the gateway sent is not billed:
+        the hold covered the cap, so an upstream that ignores max_tokens cannot overdraw."""
+        output = usage.output_tokens
+        if self.kind != "embeddings":
+            output = min(output, self.output_cap * self.choices)
+        return self.route.multiplier.charge(usage.input_tokens + output)
+
 
 class _MeteredResponse:
     """Watches the inner app's reply: extends usage, strips the hidden usage event, settles."""
@@ -348,9 +356,13 @@ class _MeteredResponse:
         if usage is None:
             return b""
         self.usage = usage
-        if not self.request.wants_usage:
+        if self.request.wants_usage:
+            event["usage"] = self._extended_usage(event["usage"], usage)
+        elif event.get("choices"):
+            # Usage riding on a content chunk: the caller keeps the chunk, not the usage.
+            event["usage"] = None
+        else:
             return b""
-        event["usage"] = self._extended_usage(event["usage"], usage)
         return b"data: " + orjson.dumps(event) + b"\n\n"
 
     def _extended_usage(self, original: Any, usage: Usage) -> dict[str, Any]:
@@ -364,7 +376,7 @@ class _MeteredResponse:
         extended["input_tokens"] = usage.input_tokens
         extended["output_tokens"] = usage.output_tokens
         extended["route_multiplier"] = str(mult)
-        extended["charged_quota_tokens"] = mult.charge(usage.input_tokens + usage.output_tokens)
+        extended["charged_quota_tokens"] = self.request.charge(usage)
         if usage.estimated:
             extended["estimated"] = True
         return extended
@@ -384,7 +396,7 @@ class _MeteredResponse:
         if usage is None:
             usage = Usage(0, 0, False)
         mult = request.route.multiplier
-        charged = mult.charge(usage.input_tokens + usage.output_tokens)
+        charged = request.charge(usage)
         billing = request.billing
         settlement = Settlement(
             request_id=request.request_id,

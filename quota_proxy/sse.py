@@ -15,20 +15,19 @@ import orjson
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
-# Given the parsed usage event, return the bytes to send in its place (b"" to drop it).
+# Given a parsed event that carries usage, return the bytes to send in its place (b"" to drop it).
 UsageHandler = Callable[[dict[str, Any]], bytes]
 
 
 class SSEMeter:
     """Feeds upstream bytes, yields bytes for the caller, and remembers what was delivered."""
 
-    __slots__ = ("_pending", "_on_usage", "delivered", "saw_usage")
+    __slots__ = ("_pending", "_on_usage", "delivered")
 
     def __init__(self, on_usage: UsageHandler) -> None:
         self._pending = b""
         self._on_usage = on_usage
         self.delivered: list[bytes] = []
-        self.saw_usage = False
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
@@ -40,15 +39,13 @@ class SSEMeter:
         if _USAGE_OBJECT.search(complete) is None:
             self.delivered.append(complete)
             return complete
+        self.delivered.append(complete)
         out = []
         for event in _split_events(complete):
             payload = _data_payload(event)
             parsed = _parse_usage_event(payload) if payload is not None else None
             if parsed is not None:
-                self.saw_usage = True
                 event = self._on_usage(parsed)
-            else:
-                self.delivered.append(event)
             out.append(event)
         return b"".join(out)
 

@@ -79,63 +79,88 @@ def stream_error_event(error: QuotaError) -> bytes:
 
 
 class UpstreamProxy:
-    """Forwards POSTs to scope['quota.route'].upstream and relays the reply, streaming when asked."""
+    """Forwards POSTs to scope['quota.route'].upstream and relays the reply, streaming when asked.
+
+    One watcher covers the whole exchange: a caller who leaves, before the first byte or
+    mid-stream, cancels the upstream request at once (its connection is closed).
+    """
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: Route = scope["quota.route"]
-        streaming: bool = scope.get("quota.stream", False)
         body = await _read_all(receive)
-        url = route.upstream.base_url + scope["path"].removeprefix("/v1")
         ua = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
                 ua = value
         request = self.client.build_request(
             "POST",
-            url,
+            route.upstream.base_url + scope["path"].removeprefix("/v1"),
             content=body,
             headers=upstream_headers(route, ua),
             timeout=httpx.Timeout(route.upstream.timeout_s, connect=route.upstream.connect_timeout_s),
         )
+        finished = False
+        left = False
+
+        async def send_until_final(message: Message) -> None:
+            nonlocal finished
+            if not message.get("more_body", False) and message["type"] == "http.response.body":
+                finished = True
+            await send(message)
+
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                nonlocal left
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        left = not finished
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            await self._exchange(scope, send_until_final, request)
+            tg.cancel_scope.cancel()
+        if left:
+            scope[OUTCOME_KEY] = "client_disconnected"
+
+    async def _exchange(self, scope: Scope, send: Send, request: httpx.Request) -> None:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             scope[OUTCOME_KEY] = "upstream_error"
-            await translate_exception(exc).send(scope, receive, send)
+            await translate_exception(exc).send(scope, _never, send)
             return
         try:
-            if streaming and response.status_code == 200:
-                await self._relay_stream(scope, receive, send, response)
+            if scope.get("quota.stream", False) and response.status_code == 200:
+                await self._relay_stream(scope, send, response)
             else:
-                await self._relay_whole(scope, receive, send, response)
+                await self._relay_whole(scope, send, response)
         finally:
             await response.aclose()
 
-    async def _relay_whole(
-        self, scope: Scope, receive: Receive, send: Send, response: httpx.Response
-    ) -> None:
+    async def _relay_whole(self, scope: Scope, send: Send, response: httpx.Response) -> None:
         try:
             body = await response.aread()
         except httpx.HTTPError as exc:
             scope[OUTCOME_KEY] = "upstream_error"
-            await translate_exception(exc).send(scope, receive, send)
+            await translate_exception(exc).send(scope, _never, send)
             return
         error = translate_status(response, body)
         if error is not None:
             scope[OUTCOME_KEY] = "upstream_error"
-            await error.send(scope, receive, send)
+            await error.send(scope, _never, send)
             return
         scope[OUTCOME_KEY] = "ok" if response.status_code < 400 else "upstream_rejected"
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
         headers = [(k, v) for k, v in relay_headers(response) if k.lower() != b"content-type"]
         await send_bytes(send, response.status_code, body, headers, content_type)
 
-    async def _relay_stream(
-        self, scope: Scope, receive: Receive, send: Send, response: httpx.Response
-    ) -> None:
+    async def _relay_stream(self, scope: Scope, send: Send, response: httpx.Response) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -148,33 +173,25 @@ class UpstreamProxy:
             }
         )
         outcome = "ok"
-        async with anyio.create_task_group() as tg:
-
-            async def watch_disconnect() -> None:
-                nonlocal outcome
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        outcome = "client_disconnected"
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_disconnect)
-            try:
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:
-                outcome = "upstream_broken"
-                error = translate_exception(exc)
-                if isinstance(exc, httpx.ReadTimeout):
-                    error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
-                await send(
-                    {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}
-                )
-            tg.cancel_scope.cancel()
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            outcome = "upstream_broken"
+            error = translate_exception(exc)
+            if isinstance(exc, httpx.ReadTimeout):
+                error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
+            await send(
+                {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}
+            )
         scope[OUTCOME_KEY] = outcome
-        if outcome != "client_disconnected":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _never() -> Message:
+    """The receive() of an error reply sent from inside the exchange: the watcher owns the real one."""
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
 
 
 async def _read_all(receive: Receive) -> bytes:
@@ -187,4 +204,3 @@ async def _read_all(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-

@@ -1,0 +1,225 @@
+"""Config validation (SPEC §5): every problem named by its key path, `config check`, and
+`serve` refusing to start on a bad file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from quota_proxy import ConfigError, create_app, load_settings
+from tests.conftest import closed_port, run_cli
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parent.parent
+
+VALID = """
+[server]
+port = 8080
+
+[store]
+path = "quota.db"
+
+[billing]
+overdraft = "cap"
+
+[upstreams.local]
+base_url = "http://127.0.0.1:11434/v1"
+timeout_s = 600
+
+[routes."quota/fast"]
+upstream = "local"
+model = "llama3.2:3b"
+multiplier = 1
+
+[routes."quota/opus"]
+upstream = "local"
+model = "big"
+multiplier = 8
+stream = false
+
+[[packages]]
+id = "starter"
+name = "Starter"
+price_usd = 5
+quota_tokens = 5_000_000
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "quota-proxy.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    return caught.value.problems
+
+
+# (replace this, with this, the problem expected, exactly or as a prefix ending in "…")
+CASES = [
+    ("multiplier = 8", "multiplier = 0", 'routes."quota/opus".multiplier: must be > 0'),
+    ("multiplier = 8", "multiplier = -2", 'routes."quota/opus".multiplier: must be > 0'),
+    ("multiplier = 8", 'multiplier = "x8"', 'routes."quota/opus".multiplier: must be a number'),
+    ("multiplier = 8", "multipler = 8", 'routes."quota/opus".multipler: unknown key…'),
+    (
+        'model = "big"',
+        'model = "big"\nupstream_model = "x"',
+        'routes."quota/opus".upstream_model: unknown key…',
+    ),
+    ("[server]", "[server]\nhots = 1", "server.hots: unknown key…"),
+    ("[billing]", "[biling]", "biling: unknown key…"),
+    (
+        'upstream = "local"\nmodel = "big"',
+        'upstream = "nope"\nmodel = "big"',
+        "routes.\"quota/opus\".upstream: no upstream named 'nope' in [upstreams]",
+    ),
+    ('overdraft = "cap"', 'overdraft = "maybe"', 'billing.overdraft: must be "cap" or "refuse"'),
+    ("port = 8080", 'port = "8080"', "server.port: must be an integer"),
+    ("port = 8080", "port = 70000", "server.port: must be <= 65535"),
+    ("stream = false", 'stream = "no"', 'routes."quota/opus".stream: must be true or false'),
+    (
+        "stream = false",
+        "max_output_tokens = 1.5",
+        'routes."quota/opus".max_output_tokens: must be an integer',
+    ),
+    ("stream = false", "max_output_tokens = 0", 'routes."quota/opus".max_output_tokens: must be >= 1'),
+    ("stream = false", 'tier = "gold"', 'routes."quota/opus".tier: must be "trusted" or "community"'),
+    ("timeout_s = 600", 'timeout_s = "long"', "upstreams.local.timeout_s: must be a number"),
+    ("timeout_s = 600", "timeout_s = 0", "upstreams.local.timeout_s: must be > 0"),
+    (
+        'base_url = "http://127.0.0.1:11434/v1"',
+        'base_url = "ftp://example.com"',
+        "upstreams.local.base_url: must start with http:// or https://",
+    ),
+    ('model = "big"\n', "", 'routes."quota/opus".model: is required'),
+    ("quota_tokens = 5_000_000", 'quota_tokens = "lots"', "packages[0].quota_tokens: must be an integer"),
+    ('path = "quota.db"', "path = 7", "store.path: must be a string"),
+]
+
+
+def matches(expected: str, problems: list[str]) -> bool:
+    if expected.endswith("…"):
+        return any(p.startswith(expected[:-1]) for p in problems)
+    return expected in problems
+
+
+async def test_the_valid_base_config_loads(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, VALID))
+    assert set(settings.routes) == {"quota/fast", "quota/opus"}
+    assert str(settings.routes["quota/opus"].multiplier) == "x8"
+    assert settings.store.path == tmp_path / "quota.db"  # relative to the config's folder
+
+
+async def test_each_problem_names_its_key_path(tmp_path: Path) -> None:
+    for old, new, expected in CASES:
+        assert old in VALID, old
+        problems = problems_of(tmp_path, VALID.replace(old, new, 1))
+        assert matches(expected, problems), (expected, problems)
+
+
+async def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    text = (
+        VALID.replace("multiplier = 8", "multiplier = 0")
+        .replace('overdraft = "cap"', 'overdraft = "never"')
+        .replace("port = 8080", 'port = "x"')
+    )
+    problems = problems_of(tmp_path, text)
+    assert 'routes."quota/opus".multiplier: must be > 0' in problems
+    assert 'billing.overdraft: must be "cap" or "refuse"' in problems
+    assert "server.port: must be an integer" in problems
+    assert len(problems) == 3
+
+
+async def test_config_check_rejects_a_bad_file_with_exit_2(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        VALID.replace("multiplier = 8", "multiplier = 0").replace('overdraft = "cap"', 'overdraft = "x"'),
+    )
+    for args in (
+        ("--config", str(config), "config", "check"),
+        ("config", "check", "--config", str(config), "--json"),
+    ):
+        result = run_cli(*args, check=False)
+        assert result.returncode == 2, result
+        assert 'routes."quota/opus".multiplier: must be > 0' in result.stderr
+        assert 'billing.overdraft: must be "cap" or "refuse"' in result.stderr
+        assert result.stdout == ""
+        assert "Traceback" not in result.stderr
+
+
+async def test_config_check_names_an_unreadable_file(tmp_path: Path) -> None:
+    broken = write(tmp_path, "[server\nport = 1\n", "broken.toml")
+    result = run_cli("--config", str(broken), "config", "check", check=False)
+    assert result.returncode == 2
+    assert "broken.toml" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = tmp_path / "missing.toml"
+    result = run_cli("--config", str(missing), "config", "check", check=False)
+    assert result.returncode == 2
+    assert "missing.toml" in result.stderr
+
+
+async def test_config_check_accepts_a_good_file_and_prints_the_routes(tmp_path: Path) -> None:
+    config = write(tmp_path, VALID)
+    table = run_cli("--config", str(config), "config", "check")
+    assert "quota/fast" in table.stdout and "quota/opus" in table.stdout
+    data = orjson.loads(run_cli("config", "check", "--json", "--config", str(config)).stdout)
+    assert data["ok"] is True
+    assert [r["alias"] for r in data["routes"]] == ["quota/fast", "quota/opus"]
+    assert not (tmp_path / "quota.db").exists()  # checking never creates the store
+
+
+async def test_serve_with_a_bad_config_exits_without_serving(tmp_path: Path) -> None:
+    config = write(tmp_path, VALID.replace("multiplier = 8", "multiplier = 0"))
+    port = closed_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "quota_proxy", "serve", "--config", str(config), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert 'routes."quota/opus".multiplier: must be > 0' in result.stderr
+    assert not (tmp_path / "quota.db").exists()
+
+
+async def test_create_app_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = write(
+        tmp_path, VALID.replace('upstream = "local"\nmodel = "big"', 'upstream = "gone"\nmodel = "big"')
+    )
+    with pytest.raises(ConfigError) as caught:
+        create_app(config)
+    assert "routes.\"quota/opus\".upstream: no upstream named 'gone' in [upstreams]" in caught.value.problems
+
+
+async def test_the_example_config_passes_config_check(tmp_path: Path) -> None:
+    example = REPO / "config.example.toml"
+    result = subprocess.run(
+        [sys.executable, "-m", "quota_proxy", "--config", str(example), "config", "check", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOSTED_LLM_KEY": "test-key"},
+    )
+    assert result.returncode == 0, result.stderr
+    data = orjson.loads(result.stdout)
+    aliases = [r["alias"] for r in data["routes"]]
+    assert aliases == [
+        "quota/fast",
+        "quota/balanced",
+        "quota/sonnet",
+        "quota/sonnet-pro",
+        "quota/opus",
+        "quota/opus-max",
+    ]
+    multipliers = [float(r["multiplier"].removeprefix("x")) for r in data["routes"]]
+    assert multipliers == sorted(multipliers) and len(set(multipliers)) == 6  # rising
+    assert data["warnings"] == []  # every api_key_env is set here
