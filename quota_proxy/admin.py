@@ -81,14 +81,15 @@ def parse_expiry(text: str) -> int:
     try:
         if len(text) == 10:
             day = dt.date.fromisoformat(text)
-            moment = dt.datetime.combine(day, dt.time.max, dt.UTC)
+            moment = dt.datetime.combine(day, dt.time(23, 59, 59, 999_000), dt.UTC)
         else:
             moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=dt.UTC)
     except ValueError:
         raise AdminError(f"--expires: {text!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
-    return int(moment.timestamp() * 1000)
+    # Whole seconds and milliseconds apart: a float product would round far-off dates up.
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
 
 
 def quota_tokens(settings: Settings, usd: str | None, tokens: int | None) -> int | None:
