@@ -11,7 +11,7 @@ from typing import Any
 from quota_proxy import keys as keymod
 from quota_proxy.api.common import EXTERNAL_USER_ID
 from quota_proxy.api.funding import grant_request_hash, grant_view
-from quota_proxy.config import Settings
+from quota_proxy.config import Limits, Settings
 from quota_proxy.store import (
     Account,
     IdempotencyMismatch,
@@ -47,6 +47,9 @@ def key_view(key: KeyRecord) -> dict[str, Any]:
         "name": key.name,
         "routes": list(key.routes) if key.routes is not None else None,
         "allow_community": key.allow_community,
+        "rpm": key.rpm,
+        "tpm": key.tpm,
+        "max_concurrent": key.max_concurrent,
         "expires_at": _iso(key.expires_at),
         "revoked_at": _iso(key.revoked_at),
         "created_at": _iso(key.created_at),
@@ -164,6 +167,7 @@ async def create_key(
     routes: tuple[str, ...] | None,
     allow_community: bool,
     expires: str | None,
+    limits: Limits = Limits(),
 ) -> dict[str, Any]:
     account = await developer(store, account_name)
     if routes is not None:
@@ -184,6 +188,9 @@ async def create_key(
         routes=routes,
         allow_community=allow_community,
         expires_at=expires_at,
+        rpm=limits.rpm,
+        tpm=limits.tpm,
+        max_concurrent=limits.max_concurrent,
     )
     return {
         "id": record.public_id,

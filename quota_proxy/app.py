@@ -7,9 +7,11 @@ RequestContext -> Auth -> dispatch -> Metering (hold) -> UpstreamProxy -> Meteri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,9 +24,10 @@ from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import Settings, load_settings, default_config_path
+from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
 from quota_proxy.routing import RouteTable
@@ -47,17 +50,19 @@ class Gateway:
         *,
         store: SqliteStore | None = None,
         http_client: httpx.AsyncClient | None = None,
+        reload_on_sighup: bool = False,
     ) -> None:
         self.settings = settings
+        self.reload_on_sighup = reload_on_sighup
         self.store = store or SqliteStore(settings.store.path)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
         self.owner = f"{os.getpid()}-{os.urandom(4).hex()}"
-        routes = RouteTable(settings.routes)
+        self.routes = routes = RouteTable(settings.routes)
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
-        inference = MeteringMiddleware(
+        self.metering = inference = MeteringMiddleware(
             UpstreamProxy(self.http_client), self.store, settings, routes, self.owner
         )
         account = AccountApi(self.services)
@@ -116,11 +121,38 @@ class Gateway:
         except QuotaError as error:
             await error.send(scope, receive, send)
 
+    def reload(self) -> bool:
+        """Re-read the TOML file: routes, upstreams, packages and billing switch over for the
+        next request; in-flight requests finish on what they started with. An invalid file
+        is refused and the running config kept."""
+        if self.settings.source is None:
+            logger.warning("reload: this gateway was not built from a file; nothing to reload")
+            return False
+        try:
+            new = load_settings(self.settings.source)
+        except ConfigError as exc:
+            logger.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            return False
+        if new.store.path != self.settings.store.path:
+            logger.warning("reload: store.path changed; it takes effect at the next restart")
+        self.settings = new
+        self.routes.replace(new.routes)
+        self.services.settings = new
+        self.services.money = new.money
+        self.metering.configure(new)
+        logger.warning(
+            "config reloaded from %s: %d routes, %d packages",
+            new.source, len(new.routes), len(new.packages),
+        )
+        return True
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Open the store and start the hold keeper; the app serves only inside this."""
         await self.store.open()
         await self.store.release_expired_holds()
+        if self.reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_holds)
@@ -142,6 +174,7 @@ class Gateway:
                 await self.store.refresh_holds(self.owner, ttl_ms)
                 await self.store.release_expired_holds()
                 await self.store.purge_idempotency(IDEMPOTENCY_TTL_MS)
+                await self.store.purge_rate_windows()
             except Exception as exc:  # a busy store must not kill the keeper; it retries
                 logger.warning("hold maintenance failed: %s", exc)
 
@@ -176,5 +209,9 @@ def create_app(
 
 
 def app_from_environment() -> Any:
-    """The uvicorn factory used by `serve --workers N`: each worker loads the config itself."""
-    return create_app(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
+    """The uvicorn factory used by `serve`: each worker loads the config itself, and a
+    single-process gateway reloads it on SIGHUP (with workers, uvicorn's supervisor turns
+    SIGHUP into a rolling restart of the workers)."""
+    settings = load_settings(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
+    configure_logging(os.environ.get("QUOTA_PROXY_LOG_LEVEL", "info"), settings.server.log_format)
+    return Gateway(settings, reload_on_sighup=True)

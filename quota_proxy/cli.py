@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from quota_proxy import admin
-from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
+from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
 from quota_proxy.store import SqliteStore, StoreError
 
 EXIT_ERROR = 1
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routes", help="comma-separated aliases this key may use")
     p.add_argument("--no-community", action="store_true", help="refuse community-tier routes")
     p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (end of day, UTC) or ISO datetime")
+    p.add_argument("--rpm", type=_positive, help="requests per minute (default: the route's)")
+    p.add_argument("--tpm", type=_positive, help="tokens per minute (default: the route's)")
+    p.add_argument("--max-concurrent", type=_positive, help="requests in flight at once")
     p = cmd("list", "list keys (never the keys themselves)", keys)
     p.add_argument("--account")
     p = cmd("revoke", "revoke a key by id or display prefix", keys)
@@ -112,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _amount_args(p: argparse.ArgumentParser, required: bool = False) -> Any:
@@ -207,7 +220,8 @@ async def _accounts_list(args: argparse.Namespace, s: Settings, store: SqliteSto
 async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
     routes = tuple(r.strip() for r in args.routes.split(",") if r.strip()) if args.routes else None
     data = await admin.create_key(store, s, args.account, args.kind, args.name, routes,
-                                  not args.no_community, args.expires)
+                                  not args.no_community, args.expires,
+                                  Limits(args.rpm, args.tpm, args.max_concurrent))
     return data, lambda d: (
         f"{d['key']}\n"
         f"# {d['kind']} key {d['id']} for account {d['account']}: shown once, store it now\n"

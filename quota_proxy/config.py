@@ -32,6 +32,10 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 20_971_520
+    graceful_timeout_s: float = 30.0
+    metrics_token_env: str | None = None
+    metrics_token: str | None = field(default=None, repr=False)
+    log_format: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +63,34 @@ class Upstream:
     api_key: str | None = field(default=None, repr=False)
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-key limits; a key's own values win over its route's defaults. None: no limit."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     alias: str
-    upstream: Upstream
+    upstreams: tuple[Upstream, ...]
     model: str
     multiplier: Multiplier
     stream: bool = True
     tier: str = "trusted"
     max_output_tokens: int = 4096
     description: str = ""
+    limits: Limits = Limits()
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first (preferred) upstream."""
+        return self.upstreams[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +151,31 @@ def parse_settings(
     v.only_keys("", raw, {"server", "store", "billing", "funding", "upstreams", "routes", "packages"})
 
     srv = v.table("server", raw.get("server"))
-    v.only_keys("server", srv, {"host", "port", "max_body_bytes"})
+    v.only_keys(
+        "server",
+        srv,
+        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format"},
+    )
+    metrics_env = srv.get("metrics_token_env")
+    metrics_token = None
+    if metrics_env is not None:
+        metrics_env = v.string("server.metrics_token_env", metrics_env)
+        metrics_token = env.get(metrics_env) or None
+        if metrics_token is None:
+            v.problem("server.metrics_token_env", f"environment variable {metrics_env} is not set")
+    log_format = v.string("server.log_format", srv.get("log_format", "auto"))
+    if log_format not in ("auto", "json", "text"):
+        v.problem("server.log_format", 'must be "auto", "json" or "text"')
     server = ServerSettings(
         host=v.string("server.host", srv.get("host", "127.0.0.1")),
         port=v.integer("server.port", srv.get("port", 8080), 0, 65535),
         max_body_bytes=v.integer("server.max_body_bytes", srv.get("max_body_bytes", 20_971_520), 1),
+        graceful_timeout_s=v.number(
+            "server.graceful_timeout_s", srv.get("graceful_timeout_s", 30), positive=True
+        ),
+        metrics_token_env=metrics_env,
+        metrics_token=metrics_token,
+        log_format=log_format,
     )
 
     st = v.table("store", raw.get("store"))
@@ -167,7 +207,7 @@ def parse_settings(
     for name, up in v.table("upstreams", raw.get("upstreams")).items():
         p = f"upstreams.{_quote(name)}"
         up = v.table(p, up)
-        v.only_keys(p, up, {"base_url", "api_key_env", "timeout_s", "connect_timeout_s"})
+        v.only_keys(p, up, {"base_url", "api_key_env", "timeout_s", "connect_timeout_s", "cooldown_s"})
         base_url = v.string(f"{p}.base_url", up.get("base_url"), required=True).rstrip("/")
         if base_url and not base_url.startswith(("http://", "https://")):
             v.problem(f"{p}.base_url", "must start with http:// or https://")
@@ -188,6 +228,7 @@ def parse_settings(
             connect_timeout_s=v.number(
                 f"{p}.connect_timeout_s", up.get("connect_timeout_s", 10), positive=True
             ),
+            cooldown_s=v.number(f"{p}.cooldown_s", up.get("cooldown_s", 30), positive=True),
         )
 
     routes: dict[str, Route] = {}
@@ -197,12 +238,10 @@ def parse_settings(
         v.only_keys(
             p,
             rt,
-            {"upstream", "model", "multiplier", "stream", "tier", "max_output_tokens", "description"},
+            {"upstream", "upstreams", "model", "multiplier", "stream", "tier", "max_output_tokens",
+             "description", "rpm", "tpm", "max_concurrent"},
         )
-        up_name = v.string(f"{p}.upstream", rt.get("upstream"), required=True)
-        upstream = upstreams.get(up_name)
-        if up_name and upstream is None:
-            v.problem(f"{p}.upstream", f"no upstream named {up_name!r} in [upstreams]")
+        chosen = _route_upstreams(v, p, rt, upstreams)
         try:
             multiplier = Multiplier.parse(rt.get("multiplier", 1))
         except ValueError as exc:
@@ -211,10 +250,16 @@ def parse_settings(
         tier = v.string(f"{p}.tier", rt.get("tier", "trusted"))
         if tier not in TIERS:
             v.problem(f"{p}.tier", 'must be "trusted" or "community"')
-        if upstream is not None:
+        limits = Limits(
+            **{
+                name: v.integer(f"{p}.{name}", rt[name], 1) if name in rt else None
+                for name in ("rpm", "tpm", "max_concurrent")
+            }
+        )
+        if chosen:
             routes[alias] = Route(
                 alias=alias,
-                upstream=upstream,
+                upstreams=chosen,
                 model=v.string(f"{p}.model", rt.get("model"), required=True),
                 multiplier=multiplier,
                 stream=v.boolean(f"{p}.stream", rt.get("stream", True)),
@@ -223,6 +268,7 @@ def parse_settings(
                     f"{p}.max_output_tokens", rt.get("max_output_tokens", 4096), 1
                 ),
                 description=v.string(f"{p}.description", rt.get("description", "")),
+                limits=limits,
             )
 
     packages: list[Package] = []
@@ -261,6 +307,36 @@ def parse_settings(
         source=source,
         warnings=tuple(v.warnings),
     )
+
+
+def _route_upstreams(
+    v: _Validator, path: str, route: Mapping[str, Any], upstreams: Mapping[str, Upstream]
+) -> tuple[Upstream, ...]:
+    """`upstream = "a"`, or `upstreams = ["a", "b"]` tried in order; exactly one of them."""
+    if ("upstream" in route) == ("upstreams" in route):
+        v.problem(f"{path}.upstream", 'set either upstream = "name" or upstreams = ["a", "b"]')
+        return ()
+    if "upstream" in route:
+        names = [v.string(f"{path}.upstream", route["upstream"], required=True)]
+        where = f"{path}.upstream"
+    else:
+        raw = route["upstreams"]
+        where = f"{path}.upstreams"
+        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) for n in raw):
+            v.problem(where, "must be a non-empty array of upstream names")
+            return ()
+        if len(set(raw)) != len(raw):
+            v.problem(where, "names an upstream twice")
+        names = raw
+    chosen = []
+    for name in names:
+        upstream = upstreams.get(name)
+        if upstream is None:
+            if name:
+                v.problem(where, f"no upstream named {name!r} in [upstreams]")
+            return ()
+        chosen.append(upstream)
+    return tuple(chosen)
 
 
 def _quote(name: str) -> str:

@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
 from quota_proxy.errors import QuotaError
 
@@ -18,6 +16,7 @@ access_log = logging.getLogger("quota_proxy.access")
 error_log = logging.getLogger("quota_proxy.error")
 
 REQUEST_ID_HEADER = b"x-quota-request-id"
+OVERHEAD_HEADER = b"x-quota-overhead-ms"
 
 # Called once per request with the finished access-log record.
 Observer = Callable[[dict[str, Any]], None]
@@ -41,6 +40,7 @@ class RequestContextMiddleware:
         log: dict[str, Any] = {}
         scope["quota.log"] = log
         started = time.perf_counter()
+        scope["quota.started"] = started
         path = scope["path"]
         status = 0
         id_header = (REQUEST_ID_HEADER, request_id.encode())
@@ -49,7 +49,14 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                # The gateway's own share so far: all of it, less the upstream's time.
+                overhead_ms = (time.perf_counter() - started - scope.get("quota.upstream_s", 0.0)) * 1000
+                log["overhead_ms"] = round(overhead_ms, 3)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    id_header,
+                    (OVERHEAD_HEADER, f"{overhead_ms:.3f}".encode()),
+                ]
             await send(message)
 
         try:
@@ -57,9 +64,8 @@ class RequestContextMiddleware:
         except ClientGone:
             status = status or 499
         except Exception as exc:
-            error_log.error(
-                "unhandled %s in request %s", type(exc).__name__, request_id, exc_info=exc
-            )
+            # The type and request id only: a traceback's text could quote a prompt.
+            error_log.error("unhandled %s in request %s", type(exc).__name__, request_id)
             if status == 0:
                 await QuotaError().send(scope, receive, send_with_id)
             status = status or 500
@@ -72,4 +78,4 @@ class RequestContextMiddleware:
             for observe in self.observers:
                 observe(log)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(orjson.dumps(log).decode())
+                access_log.info("request", extra={"access": log})

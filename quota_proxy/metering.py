@@ -15,17 +15,18 @@ import anyio
 import orjson
 
 from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_bytes
-from quota_proxy.config import Route, Settings
+from quota_proxy.config import Limits, Route, Settings
 from quota_proxy.errors import (
     BadRequest,
     InsufficientBalance,
     QuotaError,
+    RateLimited,
     StreamNotSupported,
     UpstreamError,
 )
 from quota_proxy.routing import RouteTable
 from quota_proxy.sse import SSEMeter, choice_texts
-from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore
+from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
 from quota_proxy.tokens import estimate_output_tokens, estimate_prompt_tokens
 from quota_proxy.upstream import OUTCOME_KEY
 
@@ -67,6 +68,9 @@ class MeteringMiddleware:
         self.store = store
         self.routes = routes
         self.owner = owner
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
         self.max_body = settings.server.max_body_bytes
         self.overdraft_cap = settings.billing.overdraft == "cap"
         self.hold_ttl_ms = settings.billing.hold_ttl_s * 1000
@@ -82,8 +86,10 @@ class MeteringMiddleware:
             await error.send(scope, receive, send)
             return
         try:
+            await self._check_rate(request)
             hold_id, cap = await self._hold(scope, request)
         except QuotaError as error:
+            scope.setdefault("quota.log", {})["route"] = request.route.alias
             await error.send(scope, receive, send)
             return
         request.apply(cap)
@@ -143,7 +149,23 @@ class MeteringMiddleware:
             billing=scope.get("quota.billing") or Billing(key.account_id, key.account_id),
             key_id=key.id,
             request_id=scope["quota.request_id"],
+            limits=Limits(
+                rpm=key.rpm or route.limits.rpm,
+                tpm=key.tpm or route.limits.tpm,
+                max_concurrent=key.max_concurrent or route.limits.max_concurrent,
+            ),
         )
+
+    async def _check_rate(self, request: _MeteredRequest) -> None:
+        limits = request.limits
+        if (limits.rpm or limits.tpm) and request.key_id is not None:
+            if not await self.store.count_request(request.key_id, limits.rpm, limits.tpm):
+                error = RateLimited(
+                    f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} "
+                    "tokens per minute is reached."
+                )
+                error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
+                raise error
 
     async def _hold(self, scope: Scope, request: _MeteredRequest) -> tuple[int, int]:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
@@ -151,15 +173,30 @@ class MeteringMiddleware:
         cap = request.output_cap
         account = request.billing.charged_account_id
         available = 0
+        log = scope.setdefault("quota.log", {})
         for _ in range(HOLD_ATTEMPTS):
             amount = mult.charge(request.prompt_estimate + cap * request.choices)
+            started = time.perf_counter()
             try:
                 hold_id = await self.store.take_hold(
-                    account, max(amount, 1), request.request_id, self.owner, self.hold_ttl_ms
+                    account,
+                    max(amount, 1),
+                    request.request_id,
+                    self.owner,
+                    self.hold_ttl_ms,
+                    request.key_id,
+                    request.limits.max_concurrent,
                 )
+                log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
                 return hold_id, cap
             except InsufficientFunds as short:
                 available = short.available
+            except TooManyInFlight:
+                error = RateLimited(
+                    f"This key may have {request.limits.max_concurrent} requests in flight at once."
+                )
+                error.headers.append((b"retry-after", b"1"))
+                raise error from None
             if not self.overdraft_cap or request.kind == "embeddings":
                 break
             affordable = mult.affordable_tokens(available) - request.prompt_estimate
@@ -245,6 +282,7 @@ class _MeteredRequest:
     billing: Billing
     key_id: int | None
     request_id: str
+    limits: Limits
 
     def apply(self, cap: int) -> None:
         """Rewrite the body for the upstream: its model name, usage in streams, the output cap."""
@@ -295,7 +333,6 @@ class _MeteredResponse:
         self.sse: SSEMeter | None = None
         self.usage: Usage | None = None
         self.settled = False
-        self.started_at = time.perf_counter()
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -415,9 +452,11 @@ class _MeteredResponse:
             outcome=outcome,
             status=self.status or 0,
         )
+        started = time.perf_counter()
         await self.m.store.settle(settlement)
         log = self.scope.setdefault("quota.log", {})
         log.update(
+            settle_ms=round((time.perf_counter() - started) * 1000, 3),
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             charged=charged,

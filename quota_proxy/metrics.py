@@ -1,82 +1,107 @@
-"""Prometheus text metrics, fed from each request's access-log record.
+"""Prometheus metrics through prometheus-client, fed from each request's access-log record.
 
-Kept in-process and dependency-free; per worker when `--workers` > 1.
+With `serve --workers N` the workers share PROMETHEUS_MULTIPROC_DIR (set by `serve`), and a
+scrape of any worker reports the sum over all of them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
 from typing import Any
 
-LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)
-        self.errors: dict[tuple[str, str], int] = defaultdict(int)
-        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
-        self.charged: dict[str, int] = defaultdict(int)
-        self.latency: dict[str, list[int]] = {}
-        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "quota_requests", "Requests by route and status.", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "quota_request_duration_seconds", "Request latency through the gateway.", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "quota_upstream_duration_seconds",
+            "Upstream time: to the whole reply, or to the first byte of a stream.",
+            ["route", "upstream"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttfb = Histogram(
+            "quota_stream_first_byte_seconds", "Time to the first byte of a stream, at the gateway.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "quota_tokens", "Tokens metered, by route and direction.", ["route", "direction"], registry=r
+        )
+        self.charged = Counter(
+            "quota_charged_quota_tokens", "Quota tokens charged, by route.", ["route"], registry=r
+        )
+        self.insufficient = Counter(
+            "quota_insufficient_balance", "Requests refused with 402.", ["route"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "quota_upstream_errors", "Upstream failures by kind.", ["route", "upstream", "kind"], registry=r
+        )
+        self.rate_limited = Counter(
+            "quota_rate_limited", "Requests refused with 429 by a key's limits.", ["route"], registry=r
+        )
+        self.store_latency = Histogram(
+            "quota_store_duration_seconds", "Store operations on the request path.", ["op"],
+            buckets=STORE_BUCKETS, registry=r,
+        )
 
     def observe(self, log: dict[str, Any]) -> None:
         route = log.get("route", "")
-        status = str(log.get("status", 0))
-        self.requests[(route, status)] += 1
-        if log.get("status", 0) >= 400:
-            self.errors[(route, status)] += 1
+        status = log.get("status", 0)
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(log.get("latency_ms", 0.0) / 1000)
+        if not route:
+            return
+        if status == 402:
+            self.insufficient.labels(route).inc()
+        elif status == 429:
+            self.rate_limited.labels(route).inc()
+        upstream = log.get("upstream")
+        if upstream is not None and "upstream_ms" in log:
+            self.upstream_latency.labels(route, upstream).observe(log["upstream_ms"] / 1000)
+        if "ttfb_ms" in log:
+            self.ttfb.labels(route).observe(log["ttfb_ms"] / 1000)
+        for kind in log.get("upstream_errors", ()):
+            self.upstream_errors.labels(route, kind[0], kind[1]).inc()
+        for op in ("hold", "settle"):
+            if f"{op}_ms" in log:
+                self.store_latency.labels(op).observe(log[f"{op}_ms"] / 1000)
         if "input_tokens" in log:
-            self.tokens[(route, "input")] += log["input_tokens"]
-            self.tokens[(route, "output")] += log["output_tokens"]
-            self.charged[route] += log["charged"]
-        latency = log.get("latency_ms", 0.0)
-        buckets = self.latency.get(route)
-        if buckets is None:
-            buckets = self.latency[route] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        for i, bound in enumerate(LATENCY_BUCKETS_MS):
-            if latency <= bound:
-                buckets[i] += 1
-                break
-        else:
-            buckets[-1] += 1
-        self.latency_sum[route] += latency / 1000
+            self.tokens.labels(route, "input").inc(log["input_tokens"])
+            self.tokens.labels(route, "output").inc(log["output_tokens"])
+            self.charged.labels(route).inc(log["charged"])
 
     def render(self, open_holds: int | None = None) -> bytes:
-        out: list[str] = []
-        out += ["# HELP quota_requests_total Requests by route and status.",
-                "# TYPE quota_requests_total counter"]
-        for (route, status), n in sorted(self.requests.items()):
-            out.append(f'quota_requests_total{{route="{_esc(route)}",status="{status}"}} {n}')
-        out += ["# HELP quota_errors_total Responses with status >= 400.",
-                "# TYPE quota_errors_total counter"]
-        for (route, status), n in sorted(self.errors.items()):
-            out.append(f'quota_errors_total{{route="{_esc(route)}",status="{status}"}} {n}')
-        out += ["# HELP quota_tokens_total Tokens metered, by route and direction.",
-                "# TYPE quota_tokens_total counter"]
-        for (route, direction), n in sorted(self.tokens.items()):
-            out.append(f'quota_tokens_total{{route="{_esc(route)}",direction="{direction}"}} {n}')
-        out += ["# HELP quota_charged_quota_tokens_total Quota tokens charged, by route.",
-                "# TYPE quota_charged_quota_tokens_total counter"]
-        for route, n in sorted(self.charged.items()):
-            out.append(f'quota_charged_quota_tokens_total{{route="{_esc(route)}"}} {n}')
-        out += ["# HELP quota_request_duration_seconds Request latency through the gateway.",
-                "# TYPE quota_request_duration_seconds histogram"]
-        for route, buckets in sorted(self.latency.items()):
-            cumulative = 0
-            for bound, n in zip((*LATENCY_BUCKETS_MS, None), buckets):
-                cumulative += n
-                le = "+Inf" if bound is None else repr(bound / 1000)
-                out.append(
-                    f'quota_request_duration_seconds_bucket{{route="{_esc(route)}",le="{le}"}} {cumulative}'
-                )
-            out.append(f'quota_request_duration_seconds_sum{{route="{_esc(route)}"}} {self.latency_sum[route]}')
-            out.append(f'quota_request_duration_seconds_count{{route="{_esc(route)}"}} {cumulative}')
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        text = generate_latest(registry)
         if open_holds is not None:
-            out += ["# HELP quota_holds_open Holds currently open in the store.",
-                    "# TYPE quota_holds_open gauge", f"quota_holds_open {open_holds}"]
-        return ("\n".join(out) + "\n").encode()
+            gauge = GaugeMetricFamily("quota_holds_open", "Holds open in the store (all processes).")
+            gauge.add_metric([], open_holds)
+            extra = CollectorRegistry()
+            extra.register(_Static([gauge]))
+            text += generate_latest(extra)
+        return text
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Static:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)

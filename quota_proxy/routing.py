@@ -13,6 +13,9 @@ class RouteTable:
     def __init__(self, routes: Mapping[str, Route]) -> None:
         self.routes = dict(routes)
 
+    def replace(self, routes: Mapping[str, Route]) -> None:
+        self.routes = dict(routes)
+
     def allowed(self, route: Route, key: KeyRecord) -> bool:
         if key.routes is not None and route.alias not in key.routes:
             return False

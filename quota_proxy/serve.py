@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
+import tempfile
 from pathlib import Path
 
 import uvicorn
 
 from quota_proxy.config import Settings
-
-
-def configure_logging(level: str = "info") -> None:
-    """Access lines (already JSON) and errors to stderr, one line each."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("quota_proxy")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+from quota_proxy.logs import configure_logging
 
 
 def serve(
@@ -33,7 +23,12 @@ def serve(
 ) -> None:
     # Workers are separate processes: each loads the same validated file itself.
     os.environ["QUOTA_PROXY_CONFIG"] = str(config_path.resolve())
-    configure_logging(log_level)
+    os.environ["QUOTA_PROXY_LOG_LEVEL"] = log_level
+    configure_logging(log_level, settings.server.log_format)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers write their metrics here; a scrape of any worker sums them all.
+        metrics_dir = tempfile.mkdtemp(prefix="quota-proxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     uvicorn.run(
         "quota_proxy.app:app_from_environment",
         factory=True,
@@ -47,6 +42,6 @@ def serve(
         access_log=False,
         log_level=log_level,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.server.graceful_timeout_s),
         server_header=False,
     )

@@ -7,11 +7,16 @@ nothing about money; metering wraps it.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import anyio
 import httpx
 from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
-from quota_proxy.config import Route
+from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
+
+logger = logging.getLogger("quota_proxy.upstream")
 
 # What the upstream answered, handed back to metering through the scope.
 OUTCOME_KEY = "quota.outcome"
@@ -37,13 +42,13 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
-def upstream_headers(route: Route, user_agent: bytes | None) -> dict[str, str]:
+def upstream_headers(upstream: Upstream, user_agent: bytes | None) -> dict[str, str]:
     """Only what the upstream needs: never the caller's key, cookies or hop-by-hop headers."""
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
     if user_agent:
         headers["user-agent"] = user_agent.decode("latin-1")
-    if route.upstream.api_key:
-        headers["authorization"] = f"Bearer {route.upstream.api_key}"
+    if upstream.api_key:
+        headers["authorization"] = f"Bearer {upstream.api_key}"
     return headers
 
 
@@ -87,21 +92,10 @@ class UpstreamProxy:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
+        self._cool_until: dict[str, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route: Route = scope["quota.route"]
         body = await _read_all(receive)
-        ua = None
-        for key, value in scope["headers"]:
-            if key == b"user-agent":
-                ua = value
-        request = self.client.build_request(
-            "POST",
-            route.upstream.base_url + scope["path"].removeprefix("/v1"),
-            content=body,
-            headers=upstream_headers(route, ua),
-            timeout=httpx.Timeout(route.upstream.timeout_s, connect=route.upstream.connect_timeout_s),
-        )
         finished = False
         left = False
 
@@ -123,29 +117,82 @@ class UpstreamProxy:
                         return
 
             tg.start_soon(watch_disconnect)
-            await self._exchange(scope, send_until_final, request)
+            await self._exchange(scope, send_until_final, body)
             tg.cancel_scope.cancel()
         if left:
             scope[OUTCOME_KEY] = "client_disconnected"
 
-    async def _exchange(self, scope: Scope, send: Send, request: httpx.Request) -> None:
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            scope[OUTCOME_KEY] = "upstream_error"
-            await translate_exception(exc).send(scope, _never, send)
+    def _candidates(self, route: Route) -> list[Upstream]:
+        """The route's upstreams in order, those cooling down after a failure last."""
+        if len(route.upstreams) == 1:
+            return list(route.upstreams)
+        now = time.monotonic()
+        ready = [u for u in route.upstreams if self._cool_until.get(u.name, 0.0) <= now]
+        return ready + [u for u in route.upstreams if u not in ready]
+
+    async def _exchange(self, scope: Scope, send: Send, body: bytes) -> None:
+        """Try the route's upstreams in order until one answers; nothing reaches the caller
+        before an upstream has answered, so a failed attempt is never seen by it."""
+        route: Route = scope["quota.route"]
+        log = scope.setdefault("quota.log", {})
+        ua = None
+        for key, value in scope["headers"]:
+            if key == b"user-agent":
+                ua = value
+        path = scope["path"].removeprefix("/v1")
+        candidates = self._candidates(route)
+        failure: QuotaError | None = None
+        for attempt, upstream in enumerate(candidates, start=1):
+            last = attempt == len(candidates)
+            request = self.client.build_request(
+                "POST",
+                upstream.base_url + path,
+                content=body,
+                headers=upstream_headers(upstream, ua),
+                timeout=httpx.Timeout(upstream.timeout_s, connect=upstream.connect_timeout_s),
+            )
+            log["upstream"] = upstream.name
+            started = time.perf_counter()
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                failure = translate_exception(exc)
+                self._failed(scope, upstream, type(exc).__name__, started, attempt, last)
+                continue
+            if (response.status_code >= 500 or response.status_code == 429) and not last:
+                await response.aclose()
+                self._failed(scope, upstream, f"status_{response.status_code}", started, attempt, last)
+                continue
+            scope["quota.upstream_started"] = started
+            try:
+                if scope.get("quota.stream", False) and response.status_code == 200:
+                    await self._relay_stream(scope, send, response)
+                else:
+                    await self._relay_whole(scope, send, response)
+            finally:
+                await response.aclose()
             return
-        try:
-            if scope.get("quota.stream", False) and response.status_code == 200:
-                await self._relay_stream(scope, send, response)
-            else:
-                await self._relay_whole(scope, send, response)
-        finally:
-            await response.aclose()
+        scope[OUTCOME_KEY] = "upstream_error"
+        assert failure is not None
+        await failure.send(scope, _never, send)
+
+    def _failed(
+        self, scope: Scope, upstream: Upstream, kind: str, started: float, attempt: int, last: bool
+    ) -> None:
+        if len(scope["quota.route"].upstreams) > 1:
+            self._cool_until[upstream.name] = time.monotonic() + upstream.cooldown_s
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        scope["quota.log"].setdefault("upstream_errors", []).append((upstream.name, kind))
+        logger.warning(
+            "upstream attempt failed: request %s route %s upstream %s attempt %d: %s after %.1f ms%s",
+            scope.get("quota.request_id"), scope["quota.route"].alias, upstream.name, attempt,
+            kind, elapsed_ms, "" if last else "; trying the next upstream",
+        )
 
     async def _relay_whole(self, scope: Scope, send: Send, response: httpx.Response) -> None:
         try:
             body = await response.aread()
+            _record_upstream_time(scope)
         except httpx.HTTPError as exc:
             scope[OUTCOME_KEY] = "upstream_error"
             await translate_exception(exc).send(scope, _never, send)
@@ -172,10 +219,16 @@ class UpstreamProxy:
                 ],
             }
         )
+        _record_upstream_time(scope)
         outcome = "ok"
+        first = True
         try:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if first:
+                    first = False
+                    log = scope["quota.log"]
+                    log["ttfb_ms"] = round((time.perf_counter() - scope["quota.started"]) * 1000, 3)
         except httpx.HTTPError as exc:
             outcome = "upstream_broken"
             error = translate_exception(exc)
@@ -186,6 +239,13 @@ class UpstreamProxy:
             )
         scope[OUTCOME_KEY] = outcome
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _record_upstream_time(scope: Scope) -> None:
+    """Upstream time so far: the whole reply, or a stream's headers."""
+    elapsed = time.perf_counter() - scope["quota.upstream_started"]
+    scope["quota.upstream_s"] = elapsed
+    scope["quota.log"]["upstream_ms"] = round(elapsed * 1000, 3)
 
 
 async def _never() -> Message:

@@ -22,7 +22,7 @@ import pytest
 
 from quota_proxy import admin
 from quota_proxy.app import Gateway, create_app
-from quota_proxy.config import Settings, load_settings
+from quota_proxy.config import Limits, Settings, load_settings
 from quota_proxy.store import Account, SqliteStore
 from quota_proxy.testing import RunningUpstream, run_fake_upstream, run_server
 
@@ -152,6 +152,7 @@ class GatewayHarness:
             options.get("routes"),
             options.get("allow_community", True),
             options.get("expires"),
+            Limits(options.get("rpm"), options.get("tpm"), options.get("max_concurrent")),
         )
         return str(data["key"])
 

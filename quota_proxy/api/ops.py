@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
+
 from quota_proxy.api.common import Services
+from quota_proxy.auth import presented_key
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
-from quota_proxy.errors import QuotaError
+from quota_proxy.errors import InvalidApiKey, QuotaError
+from quota_proxy.metrics import CONTENT_TYPE
 
 
 class NotReady(QuotaError):
@@ -27,8 +31,13 @@ class OpsApi:
         await send_json(send, 200, {"status": "ready", "routes": len(self.s.routes.routes)})
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.s.settings.server.metrics_token
+        if token is not None:
+            presented = presented_key(scope) or ""
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                raise InvalidApiKey("This endpoint needs the metrics bearer token.")
         holds = await self.s.store.open_holds()
         await send_bytes(
             send, 200, self.s.metrics.render(open_holds=holds),
-            content_type=b"text/plain; version=0.0.4; charset=utf-8",
+            content_type=CONTENT_TYPE,
         )

@@ -8,6 +8,7 @@ from quota_proxy.store.models import (
     LedgerEntry,
     Settlement,
     StoreError,
+    TooManyInFlight,
     UsageRow,
 )
 from quota_proxy.store.sqlite import SqliteStore
@@ -24,5 +25,6 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "TooManyInFlight",
     "UsageRow",
 ]

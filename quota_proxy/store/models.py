@@ -37,6 +37,9 @@ class KeyRecord:
     expires_at: int | None
     revoked_at: int | None
     created_at: int
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
 
     def usable_at(self, now_ms: int) -> bool:
         if self.revoked_at is not None:
@@ -95,6 +98,10 @@ class InsufficientFunds(Exception):
     def __init__(self, available: int) -> None:
         self.available = available
         super().__init__(f"available {available}")
+
+
+class TooManyInFlight(Exception):
+    """The key already has as many requests in flight as it may."""
 
 
 class IdempotencyMismatch(Exception):

@@ -28,16 +28,17 @@ from quota_proxy.store.models import (
     LedgerEntry,
     Settlement,
     StoreError,
+    TooManyInFlight,
     UsageRow,
 )
 
-MIGRATIONS = ("schema_v1.sql",)
+MIGRATIONS = ("schema_v1.sql", "schema_v2.sql")
 BUSY_TIMEOUT_MS = 30_000
 
 _ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
 _KEY_COLUMNS = (
     "k.id, k.public_id, k.account_id, a.name, a.public_id, k.kind, k.name, k.prefix, k.routes, "
-    "k.allow_community, k.expires_at, k.revoked_at, k.created_at"
+    "k.allow_community, k.expires_at, k.revoked_at, k.created_at, k.rpm, k.tpm, k.max_concurrent"
 )
 _LEDGER_COLUMNS = (
     "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
@@ -293,11 +294,14 @@ class SqliteStore:
         routes: tuple[str, ...] | None = None,
         allow_community: bool = True,
         expires_at: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrent: int | None = None,
     ) -> KeyRecord:
         row = await self._one(
             "INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, routes, "
-            "allow_community, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "RETURNING id",
+            "allow_community, expires_at, created_at, rpm, tpm, max_concurrent) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 new_id("key"),
                 account_id,
@@ -309,6 +313,9 @@ class SqliteStore:
                 int(allow_community),
                 expires_at,
                 now_ms(),
+                rpm,
+                tpm,
+                max_concurrent,
             ),
         )
         rows = await self._all(
@@ -358,21 +365,48 @@ class SqliteStore:
     # -- holds and settlement -----------------------------------------------------
 
     async def take_hold(
-        self, account_id: int, amount: int, request_id: str, owner: str, ttl_ms: int
+        self,
+        account_id: int,
+        amount: int,
+        request_id: str,
+        owner: str,
+        ttl_ms: int,
+        key_id: int | None = None,
+        max_concurrent: int | None = None,
     ) -> int:
-        """Reserve amount against the available balance, atomically; InsufficientFunds if it does not fit."""
+        """Reserve amount against the available balance, atomically.
+
+        InsufficientFunds if it does not fit; TooManyInFlight if the key already has
+        max_concurrent holds open.
+        """
         now = now_ms()
         try:
             row = await self._one(
-                "INSERT INTO holds (account_id, amount, request_id, owner, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                (account_id, amount, request_id, owner, now + ttl_ms, now),
+                "INSERT INTO holds (account_id, amount, request_id, owner, expires_at, created_at, "
+                "key_id, max_concurrent) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (account_id, amount, request_id, owner, now + ttl_ms, now, key_id, max_concurrent),
             )
         except sqlite3.IntegrityError as exc:
+            if "rate_limited" in str(exc):
+                raise TooManyInFlight() from None
             if "insufficient_balance" not in str(exc):
                 raise
             raise InsufficientFunds(await self.available(account_id)) from None
         return int(row[0])
+
+    async def count_request(self, key_id: int, rpm: int | None, tpm: int | None) -> bool:
+        """Count one request in the key's current minute if it is under both limits."""
+        minute = now_ms() // 60000
+        row = await self._one(
+            "INSERT INTO rate_windows (key_id, minute, requests) VALUES (?, ?, 1) "
+            "ON CONFLICT (key_id, minute) DO UPDATE SET requests = requests + 1 "
+            "WHERE requests < ? AND tokens < ? RETURNING requests",
+            (key_id, minute, rpm or 2**62, tpm or 2**62),
+        )
+        return row is not None
+
+    async def purge_rate_windows(self) -> None:
+        await self.db.execute("DELETE FROM rate_windows WHERE minute < ?", (now_ms() // 60000 - 2,))
 
     async def available(self, account_id: int) -> int:
         row = await self._one("SELECT balance - held FROM accounts WHERE id = ?", (account_id,))

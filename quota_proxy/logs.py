@@ -1,0 +1,75 @@
+"""Log output: one JSON object per line (for machines), or a readable line in a terminal.
+
+Access records carry only what SPEC allows: ids, the key's display prefix, account, user,
+route, upstream, status, token counts, charge and timings — never keys, prompts or completions.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+ACCESS_FIELDS_IN_TEXT = (
+    ("route", "{}"),
+    ("upstream", "via {}"),
+    ("input_tokens", "in={}"),
+    ("output_tokens", "out={}"),
+    ("charged", "charged={}"),
+    ("account", "account={}"),
+    ("user", "user={}"),
+    ("key_prefix", "key={}…"),
+)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower()}
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry["event"] = "request"
+            entry.update(access)
+        else:
+            entry["logger"] = record.name
+            entry["message"] = record.getMessage()
+            if record.exc_info and record.exc_info[0] is not None:
+                entry["error"] = record.exc_info[0].__name__
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        access = getattr(record, "access", None)
+        if access is None:
+            return f"{_timestamp(record)} {record.levelname.lower():7} {record.getMessage()}"
+        parts = [
+            _timestamp(record),
+            str(access.get("status", "-")),
+            access.get("method", "-"),
+            access.get("path", "-"),
+            f"{access.get('latency_ms', 0):.1f}ms",
+        ]
+        parts += [fmt.format(access[name]) for name, fmt in ACCESS_FIELDS_IN_TEXT if access.get(name) is not None]
+        parts.append(access.get("request_id", ""))
+        return " ".join(parts)
+
+
+def configure_logging(level: str = "info", log_format: str = "auto") -> None:
+    """Everything quota-proxy logs goes to stderr, one line per record."""
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TextFormatter() if log_format == "text" else JsonFormatter())
+    for name in ("quota_proxy", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
