@@ -365,7 +365,8 @@ def _config_view(settings: Settings) -> dict[str, Any]:
         "store": str(settings.store.path),
         "warnings": list(settings.warnings),
         "routes": [
-            {"alias": r.alias, "upstream": r.upstream.name, "base_url": r.upstream.base_url,
+            {"alias": r.alias, "upstream": ",".join(u.name for u in r.upstreams),
+             "base_url": r.upstream.base_url,
              "model": r.model, "multiplier": str(r.multiplier), "stream": r.stream, "tier": r.tier,
              "max_output_tokens": r.max_output_tokens}
             for r in settings.routes.values()
