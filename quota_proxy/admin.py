@@ -167,8 +167,9 @@ async def create_key(
     routes: tuple[str, ...] | None,
     allow_community: bool,
     expires: str | None,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
+    limits = limits or Limits()
     account = await developer(store, account_name)
     if routes is not None:
         unknown = [r for r in routes if r not in settings.routes]

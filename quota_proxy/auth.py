@@ -45,7 +45,8 @@ class KeyCache:
 
 def presented_key(scope: Scope) -> str | None:
     """The key from `Authorization: Bearer …` or `x-api-key: …`."""
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -35,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
-        return parent.add_parser(name, parents=[common], help=help, description=help)
+        parser: argparse.ArgumentParser = parent.add_parser(
+            name, parents=[common], help=help, description=help
+        )
+        return parser
 
     p = cmd("serve", "run the gateway")
     p.add_argument("--host")
@@ -389,8 +391,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "(none)\n"
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines) + "\n"
 
 

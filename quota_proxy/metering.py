@@ -158,14 +158,15 @@ class MeteringMiddleware:
 
     async def _check_rate(self, request: _MeteredRequest) -> None:
         limits = request.limits
-        if (limits.rpm or limits.tpm) and request.key_id is not None:
-            if not await self.store.count_request(request.key_id, limits.rpm, limits.tpm):
-                error = RateLimited(
-                    f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} "
-                    "tokens per minute is reached."
-                )
-                error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
-                raise error
+        if not (limits.rpm or limits.tpm) or request.key_id is None:
+            return
+        if not await self.store.count_request(request.key_id, limits.rpm, limits.tpm):
+            error = RateLimited(
+                f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} "
+                "tokens per minute is reached."
+            )
+            error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
+            raise error
 
     async def _hold(self, scope: Scope, request: _MeteredRequest) -> tuple[int, int]:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
@@ -262,9 +263,13 @@ def _choices(payload: dict[str, Any], kind: str) -> int:
         per_prompt = max(per_prompt, raw)
     prompts = 1
     prompt = payload.get("prompt")
-    if kind == "completions" and isinstance(prompt, list) and prompt:
-        if all(isinstance(p, (str, list)) for p in prompt):
-            prompts = len(prompt)
+    if (
+        kind == "completions"
+        and isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, (str, list)) for p in prompt)
+    ):
+        prompts = len(prompt)
     return per_prompt * prompts
 
 
@@ -466,26 +471,29 @@ class _MeteredResponse:
 
 
 def _read_usage(raw: Any) -> Usage | None:
+    """The upstream's usage object, or None when it is missing or not counts."""
     if not isinstance(raw, dict):
         return None
-    prompt = raw.get("prompt_tokens")
-    completion = raw.get("completion_tokens")
-    total = raw.get("total_tokens")
-    if not _count(prompt):
+    prompt = _count(raw.get("prompt_tokens"))
+    if prompt is None:
         return None
-    if not _count(completion):
-        completion = total - prompt if _count(total) and total >= prompt else 0
+    completion = _count(raw.get("completion_tokens"))
+    if completion is None:
+        total = _count(raw.get("total_tokens"))
+        completion = total - prompt if total is not None and total >= prompt else 0
     return Usage(prompt, completion, False)
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _is_event_stream(message: Message) -> bool:
     for key, value in message.get("headers", ()):
         if key.lower() == b"content-type":
-            return value.startswith(b"text/event-stream")
+            return bytes(value).startswith(b"text/event-stream")
     return False
 
 

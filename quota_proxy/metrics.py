@@ -88,7 +88,7 @@ class Metrics:
         registry = self.registry
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         text = generate_latest(registry)
         if open_holds is not None:
             gauge = GaugeMetricFamily("quota_holds_open", "Holds open in the store (all processes).")

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -475,7 +475,11 @@ class RunningServer:
 
 @asynccontextmanager
 async def run_server(
-    app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off"
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    lifespan: Literal["auto", "on", "off"] = "off",
 ) -> AsyncIterator[RunningServer]:
     """Serve any ASGI app with uvicorn in the running event loop, on a free port by default.
 

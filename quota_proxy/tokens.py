@@ -247,13 +247,13 @@ def _features(text: str) -> tuple[int, ...]:
             nonascii_words += (n & (n << 9) & _M_NONASCII).bit_count()
             if accented:
                 letters += (n & _M_LETTER).bit_count()
-    rest = (digits, digit_runs, punct, newlines, space_runs, nonascii_words)
+    counts = (digits, digit_runs, punct, newlines, space_runs, nonascii_words)
     if ascii_only:
-        return (upper, words, humps, 0, 0, 0, *rest)
+        return (upper, words, humps, 0, 0, 0, *counts)
     # One accented letter per 200 ASCII letters is not English (nor code).
     if accented * 200 > letters:
-        return (0, 0, 0, letters, upper, words, *rest, *blocks, vietnamese)
-    return (upper, words, humps, 0, 0, 0, *rest, *blocks, vietnamese)
+        return (0, 0, 0, letters, upper, words, *counts, *blocks, vietnamese)
+    return (upper, words, humps, 0, 0, 0, *counts, *blocks, vietnamese)
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -261,7 +261,7 @@ def estimate_text_tokens(text: str) -> int:
     if not text or not isinstance(text, str):
         return 0
     # any non-empty text is at least one token (a lone space scores 0 otherwise)
-    return max(1, math.ceil(sum(map(operator.mul, _RATE_VECTOR, _features(text)))))
+    return max(1, math.ceil(sum(map(operator.mul, _RATE_VECTOR, _features(text)))))  # type: ignore[no-any-return]
 
 
 def estimate_output_tokens(text: str) -> int:

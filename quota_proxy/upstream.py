@@ -12,6 +12,7 @@ import time
 
 import anyio
 import httpx
+
 from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hmac
 
 from quota_proxy.api.common import Services
-from quota_proxy.auth import presented_key
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
+from quota_proxy.auth import presented_key
 from quota_proxy.errors import InvalidApiKey, QuotaError
 from quota_proxy.metrics import CONTENT_TYPE
 
