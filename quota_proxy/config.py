@@ -162,7 +162,8 @@ def parse_settings(
         metrics_env = v.string("server.metrics_token_env", metrics_env)
         metrics_token = env.get(metrics_env) or None
         if metrics_token is None:
-            v.problem("server.metrics_token_env", f"environment variable {metrics_env} is not set")
+            v.warn("server.metrics_token_env", f"environment variable {metrics_env} is not set; "
+                   "GET /metrics refuses every request until it is")
     log_format = v.string("server.log_format", srv.get("log_format", "auto"))
     if log_format not in ("auto", "json", "text"):
         v.problem("server.log_format", 'must be "auto", "json" or "text"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,10 +26,19 @@ def serve(
     os.environ["QUOTA_PROXY_CONFIG"] = str(config_path.resolve())
     os.environ["QUOTA_PROXY_LOG_LEVEL"] = log_level
     configure_logging(log_level, settings.server.log_format)
+    metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers write their metrics here; a scrape of any worker sums them all.
         metrics_dir = tempfile.mkdtemp(prefix="quota-proxy-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run(settings, host, port, workers, log_level)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run(settings: Settings, host: str | None, port: int | None, workers: int, log_level: str) -> None:
     uvicorn.run(
         "quota_proxy.app:app_from_environment",
         factory=True,

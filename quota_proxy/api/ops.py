@@ -31,10 +31,13 @@ class OpsApi:
         await send_json(send, 200, {"status": "ready", "routes": len(self.s.routes.routes)})
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = self.s.settings.server.metrics_token
-        if token is not None:
-            presented = presented_key(scope) or ""
-            if not hmac.compare_digest(presented.encode(), token.encode()):
+        server = self.s.settings.server
+        if server.metrics_token_env is not None:
+            # Fail closed: a token named in the config but missing from the environment
+            # matches nothing.
+            token = (server.metrics_token or "").encode()
+            presented = (presented_key(scope) or "").encode()
+            if not token or not hmac.compare_digest(presented, token):
                 raise InvalidApiKey("This endpoint needs the metrics bearer token.")
         holds = await self.s.store.open_holds()
         await send_bytes(
