@@ -342,7 +342,7 @@ class _MeteredResponse:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            if self.status == 200 and _is_event_stream(message):
+            if self.status == 200 and self.request.stream and _is_event_stream(message):
                 self.sse = SSEMeter(self._on_usage_event)
                 await self._send(message)
             else:
@@ -431,10 +431,12 @@ class _MeteredResponse:
         usage = self.usage
         if usage is None and self.sse is not None:
             # A stream that ended without a usage event: count what the caller received.
-            text = self.sse.delivered_text()
-            usage = Usage(request.prompt_estimate, estimate_output_tokens(text), True)
+            # Nothing received means nothing produced, and that is not charged.
             if outcome == "ok":
                 outcome = self.scope.get(OUTCOME_KEY, "ok")
+            output = estimate_output_tokens(self.sse.delivered_text())
+            if output > 0:
+                usage = Usage(request.prompt_estimate, output, True)
         if usage is None:
             usage = Usage(0, 0, False)
         mult = request.route.multiplier

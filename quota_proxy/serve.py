@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +12,17 @@ import uvicorn
 
 from quota_proxy.config import Settings
 from quota_proxy.logs import configure_logging
+
+
+def raise_open_file_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit (often 1,024) to the hard
+    one, so a crowd of idle or slow clients cannot starve the gateway of sockets. Workers
+    inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1_048_576
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def serve(
@@ -26,6 +38,7 @@ def serve(
     os.environ["QUOTA_PROXY_CONFIG"] = str(config_path.resolve())
     os.environ["QUOTA_PROXY_LOG_LEVEL"] = log_level
     configure_logging(log_level, settings.server.log_format)
+    raise_open_file_limit()
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers write their metrics here; a scrape of any worker sums them all.
