@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-import httpx
 
 from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
@@ -32,6 +31,7 @@ from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
 from quota_proxy.routing import RouteTable
 from quota_proxy.store import SqliteStore
+from quota_proxy.http_client import UpstreamClient
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
@@ -49,7 +49,7 @@ class Gateway:
         settings: Settings,
         *,
         store: SqliteStore | None = None,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: UpstreamClient | None = None,
         reload_on_sighup: bool = False,
     ) -> None:
         self.settings = settings
@@ -198,7 +198,7 @@ def create_app(
     settings: Settings | str | os.PathLike[str] | None = None,
     *,
     store: SqliteStore | None = None,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: UpstreamClient | None = None,
 ) -> Gateway:
     """Build the gateway from Settings or a TOML path (default: $QUOTA_PROXY_CONFIG)."""
     if settings is None:

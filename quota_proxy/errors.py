@@ -16,7 +16,7 @@
     ├── UpstreamError               502 upstream_error
     └── UpstreamTimeout             504 upstream_timeout
 
-Foreign errors (httpx, sqlite) are translated to these at one boundary each.
+Foreign errors (the upstream client's, sqlite's) are translated to these at one boundary each.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The upstream side: one shared httpx client, header hygiene, and error translation.
+"""The upstream side: one shared client, header hygiene, and error translation.
 
 `UpstreamProxy` is an ASGI app that forwards the (already rewritten) request body to the
 route's upstream and relays the answer. It is the innermost room of the house: it knows
@@ -11,11 +11,18 @@ import logging
 import time
 
 import anyio
-import httpx
 
 from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
+from quota_proxy.http_client import (
+    ConnectFailed,
+    ConnectTimedOut,
+    ReadTimedOut,
+    UpstreamClient,
+    UpstreamHTTPError,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger("quota_proxy.upstream")
 
@@ -25,39 +32,27 @@ OUTCOME_KEY = "quota.outcome"
 _RESPONSE_HEADERS_KEPT = frozenset({b"content-type", b"retry-after", b"x-request-id", b"openai-processing-ms"})
 
 
-def create_client(max_connections: int = 1000) -> httpx.AsyncClient:
-    """The one client the app shares: pooled, no cookies kept, no environment proxies."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=200),
-        timeout=httpx.Timeout(600.0, connect=10.0),
-        trust_env=False,
-        follow_redirects=False,
-        cookies=_NoCookies(),
-    )
+def create_client() -> UpstreamClient:
+    """The one client the app shares: a keep-alive pool per upstream. It keeps no cookies
+    (a shared client must never carry one reply's cookies into another user's request)."""
+    return UpstreamClient()
 
 
-class _NoCookies(httpx.Cookies):
-    """A shared client must never carry one upstream reply's cookies into another user's request."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-def upstream_headers(upstream: Upstream, user_agent: bytes | None) -> dict[str, str]:
+def upstream_headers(upstream: Upstream, user_agent: bytes | None) -> list[tuple[bytes, bytes]]:
     """Only what the upstream needs: never the caller's key, cookies or hop-by-hop headers."""
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
     if user_agent:
-        headers["user-agent"] = user_agent.decode("latin-1")
+        headers.append((b"user-agent", user_agent))
     if upstream.api_key:
-        headers["authorization"] = f"Bearer {upstream.api_key}"
+        headers.append((b"authorization", b"Bearer " + upstream.api_key.encode("latin-1")))
     return headers
 
 
-def relay_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in response.headers.raw if k.lower() in _RESPONSE_HEADERS_KEPT]
+def relay_headers(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in response.headers if k in _RESPONSE_HEADERS_KEPT]
 
 
-def translate_status(response: httpx.Response, body: bytes) -> QuotaError | None:
+def translate_status(response: UpstreamResponse, body: bytes) -> QuotaError | None:
     """SPEC §3: 5xx and 401/403 are the gateway's problem (502); other 4xx pass through (None)."""
     status = response.status_code
     if status >= 500:
@@ -69,13 +64,11 @@ def translate_status(response: httpx.Response, body: bytes) -> QuotaError | None
     return None
 
 
-def translate_exception(exc: Exception) -> QuotaError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.PoolTimeout):
+def translate_exception(exc: UpstreamHTTPError) -> QuotaError:
+    if isinstance(exc, (ConnectTimedOut, ReadTimedOut)):
         return UpstreamTimeout()
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, ConnectFailed):
         return UpstreamError("The upstream model server is unreachable.")
-    if isinstance(exc, httpx.PoolTimeout):
-        return UpstreamError("Too many requests in flight to the upstream model server.")
     return UpstreamError("The upstream model server closed the connection unexpectedly.")
 
 
@@ -91,7 +84,7 @@ class UpstreamProxy:
     mid-stream, cancels the upstream request at once (its connection is closed).
     """
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: UpstreamClient) -> None:
         self.client = client
         self._cool_until: dict[str, float] = {}
 
@@ -145,18 +138,17 @@ class UpstreamProxy:
         failure: QuotaError | None = None
         for attempt, upstream in enumerate(candidates, start=1):
             last = attempt == len(candidates)
-            request = self.client.build_request(
-                "POST",
-                upstream.base_url + path,
-                content=body,
-                headers=upstream_headers(upstream, ua),
-                timeout=httpx.Timeout(upstream.timeout_s, connect=upstream.connect_timeout_s),
-            )
             log["upstream"] = upstream.name
             started = time.perf_counter()
             try:
-                response = await self.client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+                response = await self.client.send(
+                    upstream.base_url + path,
+                    body,
+                    upstream_headers(upstream, ua),
+                    timeout=upstream.timeout_s,
+                    connect_timeout=upstream.connect_timeout_s,
+                )
+            except UpstreamHTTPError as exc:
                 failure = translate_exception(exc)
                 self._failed(scope, upstream, type(exc).__name__, started, attempt, last)
                 continue
@@ -190,11 +182,11 @@ class UpstreamProxy:
             kind, elapsed_ms, "" if last else "; trying the next upstream",
         )
 
-    async def _relay_whole(self, scope: Scope, send: Send, response: httpx.Response) -> None:
+    async def _relay_whole(self, scope: Scope, send: Send, response: UpstreamResponse) -> None:
         try:
             body = await response.aread()
             _record_upstream_time(scope)
-        except httpx.HTTPError as exc:
+        except UpstreamHTTPError as exc:
             scope[OUTCOME_KEY] = "upstream_error"
             await translate_exception(exc).send(scope, _never, send)
             return
@@ -204,11 +196,11 @@ class UpstreamProxy:
             await error.send(scope, _never, send)
             return
         scope[OUTCOME_KEY] = "ok" if response.status_code < 400 else "upstream_rejected"
-        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
-        headers = [(k, v) for k, v in relay_headers(response) if k.lower() != b"content-type"]
+        content_type = response.header(b"content-type") or b"application/json"
+        headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, response.status_code, body, headers, content_type)
 
-    async def _relay_stream(self, scope: Scope, send: Send, response: httpx.Response) -> None:
+    async def _relay_stream(self, scope: Scope, send: Send, response: UpstreamResponse) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -230,10 +222,10 @@ class UpstreamProxy:
                     first = False
                     log = scope["quota.log"]
                     log["ttfb_ms"] = round((time.perf_counter() - scope["quota.started"]) * 1000, 3)
-        except httpx.HTTPError as exc:
+        except UpstreamHTTPError as exc:
             outcome = "upstream_broken"
             error = translate_exception(exc)
-            if isinstance(exc, httpx.ReadTimeout):
+            if isinstance(exc, ReadTimedOut):
                 error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
             await send(
                 {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}

@@ -28,8 +28,9 @@ from quota_proxy.testing import RunningUpstream, run_fake_upstream, run_server
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """asyncio on uvloop, the loop `quota-proxy serve` runs on."""
+    return "asyncio", {"use_uvloop": True}
 
 
 def closed_port() -> int:

@@ -71,7 +71,7 @@ async def test_metrics_move_with_requests(gateway: GatewayHarness) -> None:
     assert delta("quota_tokens_total", route="quota/fast", direction="input") == usage["input_tokens"]
     assert delta("quota_tokens_total", route="quota/fast", direction="output") == usage["output_tokens"]
     assert delta("quota_charged_quota_tokens_total", route="quota/fast") == usage["charged_quota_tokens"]
-    assert delta("quota_upstream_errors_total", route="quota/down", upstream="down", kind="ConnectError") == 1
+    assert delta("quota_upstream_errors_total", route="quota/down", upstream="down", kind="ConnectFailed") == 1
     assert delta("quota_request_duration_seconds_count", route="quota/fast") == 1
     assert delta("quota_upstream_duration_seconds_count", route="quota/fast", upstream="fake") == 1
     assert delta("quota_store_duration_seconds_count", op="hold") >= 1
