@@ -26,12 +26,12 @@ from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
 from quota_proxy.routing import RouteTable
 from quota_proxy.store import SqliteStore
-from quota_proxy.http_client import UpstreamClient
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
