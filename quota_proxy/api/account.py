@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +12,7 @@ from quota_proxy.money import format_usd
 from quota_proxy.store import KeyRecord
 
 USAGE_DAYS = 30
+TOP_USERS = 100  # /v1/me lists the app users who spent most; `quota-proxy usage` lists all
 _CENT_PRECISION = Decimal("0.0001")
 
 
@@ -69,16 +69,14 @@ class AccountApi:
         money = self.s.money
         account = await self.s.store.account(key.account_id)
         assert account is not None
-        rows = await self.s.store.usage(key.account_id, USAGE_DAYS)
+        summary = await self.s.store.usage_summary(key.account_id, USAGE_DAYS, TOP_USERS)
         total = _Totals()
-        by_route: dict[str, _Totals] = defaultdict(_Totals)
-        by_day: dict[str, _Totals] = defaultdict(_Totals)
-        by_user: dict[str, _Totals] = defaultdict(_Totals)
-        for row in rows:
-            for bucket in (total, by_route[row.route], by_day[row.day]):
-                bucket.add(row.requests, row.input_tokens, row.output_tokens, row.charged)
-            if row.user is not None:
-                by_user[row.user].add(row.requests, row.input_tokens, row.output_tokens, row.charged)
+        for row in summary["by_route"]:
+            total.add(*row[1:])
+
+        def view(rows: list[tuple[Any, ...]], name: str) -> list[dict[str, Any]]:
+            return [{name: row[0], **_Totals(*row[1:]).view(money)} for row in rows]
+
         await send_json(
             send,
             200,
@@ -102,11 +100,10 @@ class AccountApi:
                 "usage": {
                     "days": USAGE_DAYS,
                     **total.view(money),
-                    "by_route": [{"route": k, **v.view(money)} for k, v in sorted(by_route.items())],
-                    "by_day": [{"day": k, **v.view(money)} for k, v in sorted(by_day.items())],
-                    "by_user": [
-                        {"external_user_id": k, **v.view(money)} for k, v in sorted(by_user.items())
-                    ],
+                    "by_route": view(summary["by_route"], "route"),
+                    "by_day": view(summary["by_day"], "day"),
+                    "by_user": view(summary["by_user"], "external_user_id"),
+                    "by_user_limit": TOP_USERS,
                 },
             },
         )
@@ -138,8 +135,8 @@ class AccountApi:
 class _Totals:
     __slots__ = ("requests", "input_tokens", "output_tokens", "charged")
 
-    def __init__(self) -> None:
-        self.requests = self.input_tokens = self.output_tokens = self.charged = 0
+    def __init__(self, requests: int = 0, inp: int = 0, out: int = 0, charged: int = 0) -> None:
+        self.requests, self.input_tokens, self.output_tokens, self.charged = requests, inp, out, charged
 
     def add(self, requests: int, inp: int, out: int, charged: int) -> None:
         self.requests += requests
