@@ -77,6 +77,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self.keep_alive = False
         self.message_done = False
         self.error: UpstreamHTTPError | None = None
         self._chunks: deque[bytes] = deque()
@@ -124,6 +125,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        # Read now: llhttp forgets it once the message is complete.
+        self.keep_alive = bool(self._parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -166,12 +169,7 @@ class _Connection(asyncio.Protocol):
         return int(self._parser.get_status_code())
 
     def reusable(self) -> bool:
-        return (
-            self.message_done
-            and not self.closed
-            and self.error is None
-            and self._parser.should_keep_alive()
-        )
+        return self.message_done and self.keep_alive and not self.closed and self.error is None
 
     def prepare(self) -> None:
         self._reset()

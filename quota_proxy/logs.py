@@ -25,9 +25,16 @@ ACCESS_FIELDS_IN_TEXT = (
 )
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    seconds = time.gmtime(record.created)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(record.msecs):03d}Z"
+    """ISO 8601 UTC with milliseconds; the formatted second is reused while it lasts."""
+    global _second
+    whole = int(record.created)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

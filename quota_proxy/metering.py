@@ -7,6 +7,7 @@ may be told who pays through scope["quota.billing"] (the user-billed endpoint do
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,14 @@ class MeteringMiddleware:
         try:
             await self.app(scope, replay_receive(request.dumps(), receive), metered.send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await metered.settle_once(scope.get(OUTCOME_KEY, "failed"))
+            outcome = scope.get(OUTCOME_KEY, "failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Shutting down mid-request: the settlement must still be written.
+                with anyio.CancelScope(shield=True):
+                    await metered.settle_once(outcome)
+            else:
+                await metered.settle_once(outcome)
 
     def _parse(self, scope: Scope, body: bytes) -> _MeteredRequest:
         kind = ENDPOINT_KINDS.get(scope["path"]) or _kind_by_suffix(scope["path"])

@@ -20,6 +20,9 @@ STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1
 
 class Metrics:
     def __init__(self) -> None:
+        # Labelled children looked up once per (route, status), not on every request.
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._metered: dict[str, tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -61,8 +64,14 @@ class Metrics:
     def observe(self, log: dict[str, Any]) -> None:
         route = log.get("route", "")
         status = log.get("status", 0)
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(log.get("latency_ms", 0.0) / 1000)
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[(route, status)] = (
+                self.requests.labels(route, str(status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(log.get("latency_ms", 0.0) / 1000)
         if not route:
             return
         if status == 402:
@@ -80,9 +89,20 @@ class Metrics:
             if f"{op}_ms" in log:
                 self.store_latency.labels(op).observe(log[f"{op}_ms"] / 1000)
         if "input_tokens" in log:
-            self.tokens.labels(route, "input").inc(log["input_tokens"])
-            self.tokens.labels(route, "output").inc(log["output_tokens"])
-            self.charged.labels(route).inc(log["charged"])
+            tokens_in, tokens_out, charged = self._metered_children(route)
+            tokens_in.inc(log["input_tokens"])
+            tokens_out.inc(log["output_tokens"])
+            charged.inc(log["charged"])
+
+    def _metered_children(self, route: str) -> tuple[Any, Any, Any]:
+        children = self._metered.get(route)
+        if children is None:
+            children = self._metered[route] = (
+                self.tokens.labels(route, "input"),
+                self.tokens.labels(route, "output"),
+                self.charged.labels(route),
+            )
+        return children
 
     def render(self, open_holds: int | None = None) -> bytes:
         registry = self.registry
