@@ -17,6 +17,7 @@ error_log = logging.getLogger("quota_proxy.error")
 
 REQUEST_ID_HEADER = b"x-quota-request-id"
 OVERHEAD_HEADER = b"x-quota-overhead-ms"
+CLIENT_CLOSED = 499
 
 # Called once per request with the finished access-log record.
 Observer = Callable[[dict[str, Any]], None]
@@ -61,8 +62,10 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+            # Nothing sent and nothing raised: the client left before its answer (nginx's 499).
+            status = status or CLIENT_CLOSED
         except ClientGone:
-            status = status or 499
+            status = status or CLIENT_CLOSED
         except Exception as exc:
             # The type and request id only: a traceback's text could quote a prompt.
             error_log.error("unhandled %s in request %s", type(exc).__name__, request_id)

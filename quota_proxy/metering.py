@@ -466,17 +466,17 @@ class _MeteredResponse:
             outcome=outcome,
             status=self.status or 0,
         )
-        started = time.perf_counter()
-        await self.m.store.settle(settlement)
         log = self.scope.setdefault("quota.log", {})
         log.update(
-            settle_ms=round((time.perf_counter() - started) * 1000, 3),
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             charged=charged,
             estimated=usage.estimated,
             outcome=outcome,
         )
+        started = time.perf_counter()
+        await self.m.store.settle(settlement)
+        log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
 
 
 def _read_usage(raw: Any) -> Usage | None:

@@ -1,0 +1,269 @@
+"""A fast OpenAI-compatible mock upstream for benchmarks: raw asyncio protocol on uvloop.
+
+    python bench/mock_upstream.py --port 9100 [--chunk-delay-ms 0]
+
+No framework: an asyncio.Protocol parses HTTP/1.1 (keep-alive, Content-Length bodies,
+pipelined requests answered in order) and answers
+
+  POST /v1/chat/completions   non-streaming JSON, or SSE when "stream": true — 20 content
+                              chunks, a finish chunk, the usage chunk when
+                              stream_options.include_usage is true, then `data: [DONE]`;
+                              usage is deterministic (prompt 42, completion 20 tokens)
+  GET  /v1/models             one model
+  GET  /stats                 counters: {"chat": n, "stream": n, "open_streams": n, ...}
+
+The delay between stream chunks comes from --chunk-delay-ms, or per request from a
+`"mock_chunk_delay_ms"` field in the JSON body (gateways pass unknown fields through).
+It is the physical limit the gateway is measured against, so it does as little as it can:
+replies are pre-rendered templates with the model name and an id spliced in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import orjson
+
+PROMPT_TOKENS = 42
+COMPLETION_TOKENS = 20
+CHUNKS = 20
+WORDS = ("Quota", " tokens", " flow", " through", " the", " gateway", " like", " water",
+         " through", " a", " narrow", " pipe", ",", " measured", " drop", " by", " drop",
+         " and", " never", " lost.")
+
+STATS: dict[str, int] = {
+    "chat": 0, "stream": 0, "delayed_streams": 0, "open_streams": 0, "other": 0, "connections": 0, "bad_requests": 0,
+}
+DEFAULT_DELAY_S = 0.0
+
+
+def _usage() -> dict[str, int]:
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": COMPLETION_TOKENS,
+        "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+    }
+
+
+def _completion(model: str, rid: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(WORDS)},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(),
+            "system_fingerprint": "fp_mock",
+        }
+    )
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    data = b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _stream_frames(model: str, rid: str, include_usage: bool) -> list[bytes]:
+    """Every chunked-encoding frame of one stream, in order (one per SSE event)."""
+    created = int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock"}
+    frames = []
+    for i in range(CHUNKS):
+        delta: dict[str, str] = {"content": WORDS[i % len(WORDS)]}
+        if i == 0:
+            delta = {"role": "assistant", **delta}
+        frames.append(_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+    frames.append(_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    if include_usage:
+        frames.append(_event({**base, "choices": [], "usage": _usage()}))
+    done = b"data: [DONE]\n\n"
+    frames.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+    return frames
+
+
+_JSON_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n"
+)
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-request-id: %s\r\n\r\n"
+)
+_MODELS = orjson.dumps({"object": "list", "data": [
+    {"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock"}]})
+
+
+def _simple(status: bytes, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+class MockProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.streaming = False  # a delayed stream is being written: later requests wait
+        self.close_after = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        STATS["connections"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.streaming:
+            self._process()
+
+    def _process(self) -> None:
+        while self.transport is not None and not self.streaming:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].decode("latin-1")
+            lines = head.split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3:
+                STATS["bad_requests"] += 1
+                self.transport.write(_simple(b"400 Bad Request", b'{"error":"bad request line"}'))
+                self.transport.close()
+                return
+            method, path = parts[0], parts[1]
+            length = 0
+            close = parts[2] == "HTTP/1.0"
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                if name == "content-length":
+                    length = int(value.strip())
+                elif name == "connection":
+                    close = value.strip().lower() == "close"
+                elif name == "transfer-encoding":
+                    STATS["bad_requests"] += 1
+                    self.transport.write(_simple(b"411 Length Required", b'{"error":"chunked bodies unsupported"}'))
+                    self.transport.close()
+                    return
+            total = end + 4 + length
+            if len(self.buf) < total:
+                return
+            body = self.buf[end + 4 : total]
+            self.buf = self.buf[total:]
+            self.close_after = close
+            self._handle(method, path, body)
+            if close and not self.streaming and self.transport is not None:
+                self.transport.close()
+
+    def _handle(self, method: str, path: str, body: bytes) -> None:
+        assert self.transport is not None
+        path = path.split("?", 1)[0]
+        if method == "POST" and path.endswith("/chat/completions"):
+            try:
+                req = orjson.loads(body)
+                model = str(req.get("model") or "mock-model")
+            except (orjson.JSONDecodeError, AttributeError):
+                STATS["bad_requests"] += 1
+                self.transport.write(_simple(b"400 Bad Request", b'{"error":"invalid json"}'))
+                return
+            STATS["chat"] += 1
+            rid = b"chatcmpl-mock%d" % STATS["chat"]
+            if req.get("stream") is True:
+                STATS["stream"] += 1
+                options = req.get("stream_options") or {}
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                delay = req.get("mock_chunk_delay_ms")
+                delay_s = DEFAULT_DELAY_S if delay is None else float(delay) / 1000.0
+                frames = _stream_frames(model, rid.decode(), include_usage)
+                self.transport.write(_SSE_HEAD % rid)
+                if delay_s <= 0:
+                    for frame in frames:  # one write per event, as a token-by-token server does
+                        self.transport.write(frame)
+                else:
+                    STATS["delayed_streams"] += 1
+                    self.streaming = True
+                    asyncio.get_running_loop().create_task(self._slow_stream(frames, delay_s))
+                return
+            payload = _completion(model, rid.decode())
+            self.transport.write(_JSON_HEAD % (rid, len(payload)) + payload)
+            return
+        STATS["other"] += 1
+        if method == "GET" and path == "/stats":
+            self.transport.write(_simple(b"200 OK", orjson.dumps(STATS)))
+        elif method == "GET" and path.endswith("/models"):
+            self.transport.write(_simple(b"200 OK", _MODELS))
+        elif method == "GET" and path in ("/health", "/healthz"):
+            self.transport.write(_simple(b"200 OK", b'{"ok":true}'))
+        else:
+            self.transport.write(_simple(b"404 Not Found", b'{"error":"not found"}'))
+
+    async def _slow_stream(self, frames: list[bytes], delay_s: float) -> None:
+        STATS["open_streams"] += 1
+        try:
+            # The first content chunk goes out at once; the delay is *between* chunks.
+            for i, frame in enumerate(frames):
+                if self.transport is None:
+                    return
+                if 0 < i <= CHUNKS:
+                    await asyncio.sleep(delay_s)
+                    if self.transport is None:
+                        return
+                self.transport.write(frame)
+        finally:
+            STATS["open_streams"] -= 1
+            self.streaming = False
+        if self.transport is not None:
+            if self.close_after:
+                self.transport.close()
+            elif self.buf:
+                self._process()
+
+
+async def serve(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(MockProtocol, host, port, backlog=4096, reuse_address=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bound = server.sockets[0].getsockname()[1]
+    print(f"mock upstream listening on http://{host}:{bound}/v1", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    global DEFAULT_DELAY_S
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                        help="default delay between stream chunks (a request's mock_chunk_delay_ms wins)")
+    args = parser.parse_args(argv)
+    DEFAULT_DELAY_S = args.chunk_delay_ms / 1000.0
+    try:
+        import uvloop
+    except ImportError:  # still correct, only slower
+        print("uvloop not installed: using the default asyncio loop", file=sys.stderr)
+        asyncio.run(serve(args.host, args.port))
+    else:
+        uvloop.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
