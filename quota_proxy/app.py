@@ -36,7 +36,7 @@ from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json"})
 MAINTENANCE_INTERVAL_S = 5.0
 IDEMPOTENCY_TTL_MS = 7 * 24 * 3600 * 1000
 
@@ -80,6 +80,7 @@ class Gateway:
             "/healthz": {"GET": ops.healthz},
             "/readyz": {"GET": ops.readyz},
             "/metrics": {"GET": ops.metrics},
+            "/openapi.json": {"GET": ops.openapi},
         }
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},

@@ -1,14 +1,19 @@
-"""Operations endpoints: liveness, readiness, metrics. Public: no key needed."""
+"""Operations endpoints: liveness, readiness, metrics, the OpenAPI document. Public: no key needed."""
 
 from __future__ import annotations
 
 import hmac
 
+import orjson
+
 from quota_proxy.api.common import Services
+from quota_proxy.api.openapi import OPENAPI
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
 from quota_proxy.auth import presented_key
 from quota_proxy.errors import InvalidApiKey, QuotaError
 from quota_proxy.metrics import CONTENT_TYPE
+
+_OPENAPI_BYTES = orjson.dumps(OPENAPI)
 
 
 class NotReady(QuotaError):
@@ -19,6 +24,9 @@ class NotReady(QuotaError):
 class OpsApi:
     def __init__(self, services: Services) -> None:
         self.s = services
+
+    async def openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, _OPENAPI_BYTES)
 
     async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
