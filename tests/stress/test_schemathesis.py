@@ -57,7 +57,7 @@ def test_schemathesis_finds_no_server_error(procs: ProcessSet, workdir: Path) ->
             "--suppress-health-check", "all",
             "--generation-deterministic",
         ],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=workdir,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"},
     )
     summary = [line for line in result.stdout.splitlines() if line.strip()][-12:]
