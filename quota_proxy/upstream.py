@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
+from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import (
@@ -88,7 +89,8 @@ class UpstreamProxy:
         self._cool_until: dict[str, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_all(receive)
+        # The body was limited and rewritten by metering; it comes back whole, at once.
+        body = await read_body(scope, receive, sys.maxsize)
         finished = False
         left = False
         exchange = asyncio.current_task()
@@ -254,14 +256,3 @@ async def _never() -> Message:
     forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
     return await forever
 
-
-async def _read_all(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message: Message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
