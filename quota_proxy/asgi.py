@@ -34,7 +34,6 @@ async def send_json(
     send: Send,
     status: int,
     data: Any,
-    scope: Scope | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     await send_bytes(send, status, orjson.dumps(data), headers)

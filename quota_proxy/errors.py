@@ -49,7 +49,7 @@ class QuotaError(Exception):
         return orjson.dumps(self.body())
 
     async def send(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, self.status, self.body(), scope, self.headers)
+        await send_json(send, self.status, self.body(), self.headers)
 
 
 class BadRequest(QuotaError):

@@ -52,7 +52,7 @@ def relay_headers(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in response.headers if k in _RESPONSE_HEADERS_KEPT]
 
 
-def translate_status(response: UpstreamResponse, body: bytes) -> QuotaError | None:
+def translate_status(response: UpstreamResponse) -> QuotaError | None:
     """SPEC §3: 5xx and 401/403 are the gateway's problem (502); other 4xx pass through (None)."""
     status = response.status_code
     if status >= 500:
@@ -200,7 +200,7 @@ class UpstreamProxy:
             scope[OUTCOME_KEY] = "upstream_error"
             await translate_exception(exc).send(scope, _never, send)
             return
-        error = translate_status(response, body)
+        error = translate_status(response)
         if error is not None:
             scope[OUTCOME_KEY] = "upstream_error"
             await error.send(scope, _never, send)
