@@ -13,9 +13,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
 async def send_bytes(
     send: Send,
     status: int,

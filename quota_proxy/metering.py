@@ -46,7 +46,6 @@ class Billing:
     account_id: int
     charged_account_id: int
     user_id: int | None = None
-    user_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -86,18 +85,16 @@ class MeteringMiddleware:
         except QuotaError as error:
             await error.send(scope, receive, send)
             return
+        scope.setdefault("quota.log", {})["route"] = request.route.alias
         try:
             await self._check_rate(request)
             hold_id, cap = await self._hold(scope, request)
         except QuotaError as error:
-            scope.setdefault("quota.log", {})["route"] = request.route.alias
             await error.send(scope, receive, send)
             return
         request.apply(cap)
         scope["quota.route"] = request.route
         scope["quota.stream"] = request.stream
-        log = scope.setdefault("quota.log", {})
-        log["route"] = request.route.alias
         metered = _MeteredResponse(self, scope, request, hold_id, send)
         try:
             await self.app(scope, replay_receive(request.dumps(), receive), metered.send)
@@ -400,10 +397,10 @@ class _MeteredResponse:
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         await send_bytes(self._send, 200, orjson.dumps(obj), headers)
 
-    def _on_usage_event(self, event: dict[str, Any]) -> bytes:
+    def _on_usage_event(self, event: dict[str, Any]) -> bytes | None:
         usage = _read_usage(event.get("usage"))
         if usage is None:
-            return b""
+            return None  # a usage object without counts: not ours to meter or to drop
         self.usage = usage
         if self.request.wants_usage:
             event["usage"] = self._extended_usage(event["usage"], usage)

@@ -55,15 +55,7 @@ class Money:
 
     def usd(self, quota_tokens: int) -> str:
         """'$5.50', '$14.9844', '-$0.02': two decimals at least, more only where needed to be exact."""
-        sign = "-" if quota_tokens < 0 else ""
-        value = Fraction(abs(quota_tokens), self.per_usd)
-        dec = _exact_decimal(value)
-        text = format(dec, "f")
-        whole, _, frac = text.partition(".")
-        frac = frac.rstrip("0")
-        if len(frac) < 2:
-            frac = frac.ljust(2, "0")
-        return f"{sign}${whole}.{frac}"
+        return format_usd(_exact_decimal(Fraction(quota_tokens, self.per_usd)))
 
     def quota_tokens_from_usd(self, amount: object) -> int:
         """An exact dollar amount to whole quota tokens; ValueError if it is not exact."""
@@ -105,12 +97,6 @@ def _exact_decimal(value: Fraction) -> Decimal:
         # A rate like 3 quota tokens per dollar: round half-up at 6 places, shown as such.
         return (Decimal(num) / Decimal(den)).quantize(Decimal("0.000001"))
     return Decimal(num * (scale // den)).scaleb(-digits)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 
 
 def format_usd(amount: Decimal) -> str:

@@ -15,8 +15,9 @@ import orjson
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
-# Given a parsed event that carries usage, return the bytes to send in its place (b"" to drop it).
-UsageHandler = Callable[[dict[str, Any]], bytes]
+# Given a parsed event that carries usage, return the bytes to send in its place (b"" to drop
+# it), or None to send the event as it came.
+UsageHandler = Callable[[dict[str, Any]], bytes | None]
 
 
 class SSEMeter:
@@ -36,17 +37,15 @@ class SSEMeter:
             self._pending = data
             return b""
         complete, self._pending = data[:end], data[end:]
-        if _USAGE_OBJECT.search(complete) is None:
-            self.delivered.append(complete)
-            return complete
         self.delivered.append(complete)
+        if _USAGE_OBJECT.search(complete) is None:
+            return complete
         out = []
         for event in _split_events(complete):
             payload = _data_payload(event)
             parsed = _parse_usage_event(payload) if payload is not None else None
-            if parsed is not None:
-                event = self._on_usage(parsed)
-            out.append(event)
+            replacement = self._on_usage(parsed) if parsed is not None else None
+            out.append(event if replacement is None else replacement)
         return b"".join(out)
 
     def flush(self) -> bytes:

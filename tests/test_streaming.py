@@ -458,3 +458,51 @@ async def test_streams_from_other_upstream_shapes_keep_their_content(make_gatewa
                 assert FUNDS - await gateway.balance("acme") == spent, (alias, asked)
         assert await gateway.store.open_holds() == 0
         await gateway.verify()
+
+
+class CountlessUsageUpstream:
+    """Streams content chunks that carry a usage object without counts (as some servers
+    send progress stats): the caller must keep every chunk, and the charge is estimated."""
+
+    WORDS = ["one ", "two ", "three"]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body", False):
+            pass
+        base = {"id": "chatcmpl-y", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        events = [
+            {**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+             "usage": {"note": "progress"}}
+            for w in self.WORDS
+        ]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for event in events:
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(event) + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def test_chunks_with_a_countless_usage_object_are_kept_and_estimated(
+    make_gateway: GatewayFactory,
+) -> None:
+    async with run_server(CountlessUsageUpstream()) as mini:
+        routes = f'[upstreams.mini]\nbase_url = "{mini.url}/v1"\n[routes."mini/x"]\nupstream = "mini"\nmodel = "m"\n'
+        gateway: GatewayHarness = await make_gateway(routes=routes)
+        key, _, _ = await setup(gateway)
+        stream = await gateway.openai(key).chat.completions.create(
+            model="mini/x", messages=MESSAGES, stream=True
+        )
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "".join(CountlessUsageUpstream.WORDS)
+        spent = FUNDS - await gateway.balance("acme")
+        assert spent > 0
+        rows = sqlite3.connect(gateway.settings.store.path).execute(
+            "SELECT estimated, charged FROM requests WHERE route = 'mini/x'"
+        ).fetchall()
+        assert rows == [(1, spent)]
+        await gateway.verify()

@@ -135,7 +135,7 @@ class FundingApi:
         if user is None:
             raise UserNotFound()
         payer = user.id if user.billing_mode == "user" else key.account_id
-        scope["quota.billing"] = Billing(key.account_id, payer, user.id, user.name)
+        scope["quota.billing"] = Billing(key.account_id, payer, user.id)
         scope.setdefault("quota.log", {})["user"] = user.name
         scope["path"] = "/v1/chat/completions"
         await self.completions(scope, receive, send)

@@ -13,8 +13,6 @@ from quota_proxy.store.models import (
 )
 from quota_proxy.store.sqlite import SqliteStore
 
-Store = SqliteStore
-
 __all__ = [
     "Account",
     "IdempotencyMismatch",
@@ -23,7 +21,6 @@ __all__ = [
     "LedgerEntry",
     "Settlement",
     "SqliteStore",
-    "Store",
     "StoreError",
     "TooManyInFlight",
     "UsageRow",

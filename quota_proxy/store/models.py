@@ -64,7 +64,7 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What one request cost, written in one statement by Store.settle()."""
+    """What one request cost, written in one statement by SqliteStore.settle()."""
 
     request_id: str
     account_id: int
