@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a metered request ended; the `requests.outcome` column accepts exactly these."""
+
+    OK = "ok"
+    CLIENT_DISCONNECTED = "client_disconnected"  # the caller left; charged what was delivered
+    UPSTREAM_REJECTED = "upstream_rejected"  # an upstream 4xx passed through to the caller
+    UPSTREAM_ERROR = "upstream_error"  # unreachable, 5xx, 401/403, timed out before the first byte
+    UPSTREAM_MALFORMED = "upstream_malformed"  # a 200 that is not the JSON or event stream asked for
+    UPSTREAM_BROKEN = "upstream_broken"  # the stream broke after it began
+    FAILED = "failed"  # the gateway itself failed (a bug); logged with its traceback
 
 
 @dataclass(frozen=True, slots=True)
