@@ -21,10 +21,12 @@ from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
+from quota_proxy.api.usage import UsageApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
+from quota_proxy.dashboard import mount_dashboard
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
 from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
@@ -75,6 +77,7 @@ class Gateway:
             "/v1/models": {"GET": account.models},
             "/v1/balance": {"GET": account.balance},
             "/v1/me": {"GET": account.me},
+            "/v1/usage": {"GET": UsageApi(self.services).usage},
             "/v1/packages": {"GET": account.packages},
             "/v1/funding/grant": {"POST": funding.grant},
             "/healthz": {"GET": ops.healthz},
@@ -88,7 +91,8 @@ class Gateway:
             "chat/completions": {"POST": funding.user_completion},
         }
         self._app: ASGIApp = RequestContextMiddleware(
-            AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
+            mount_dashboard(AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services),
+            observers=(metrics.observe,),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -116,7 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
+    _dashboard_parser(cmd)
     return parser
+
+
+def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    dashboard = cmd("dashboard", "web dashboard sign-ins").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = cmd("invite", "print a one-time, expiring link with which a person sets a dashboard password",
+            dashboard)
+    p.add_argument("--account", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", choices=["developer", "operator"], default="developer")
+    sessions = cmd("sessions", "signed-in dashboard sessions", dashboard).add_subparsers(
+        dest="session_action", required=True, metavar="ACTION"
+    )
+    p = cmd("list", "live sessions, newest first", sessions)
+    p.add_argument("--email")
+    p = cmd("revoke", "end sessions: one by id, every session of an email, or all", sessions)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("session", nargs="?", metavar="SESSION_ID")
+    target.add_argument("--email")
+    target.add_argument("--all", action="store_true")
 
 
 def _positive(text: str) -> int:
@@ -358,6 +380,39 @@ async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteSt
     await store.set_billing_mode(user.id, args.mode)
     data = user_view(await admin.app_user(store, account, args.user), s.money)
     return data, lambda d: f"{d['external_user_id']}: billing mode {d['billing_mode']}\n"
+
+
+@_handles("dashboard", "invite")
+async def _dashboard_invite(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.dashboard.invites import InviteError, invite, server_url
+
+    try:
+        created = await invite(store, s, args.account, args.email, args.role, server_url(s))
+    except InviteError as exc:
+        raise admin.AdminError(str(exc)) from None
+    inv = created.invitation
+    data = {"link": created.link, "email": inv.email, "account": inv.account_name, "role": inv.role.value,
+            "expires_at": admin._iso(inv.expires_at)}
+    return data, lambda d: (
+        f"{d['link']}\n# one-time link for {d['email']} ({d['role']} of {d['account']}), "
+        f"valid until {d['expires_at']}: send it to them, it is not shown again\n"
+    )
+
+
+@_handles("dashboard", "sessions")
+async def _dashboard_sessions(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    if args.session_action == "list":
+        data = [
+            {"id": x.public_id, "email": x.email, "account": x.account_name, "role": x.role.value,
+             "created_at": admin._iso(x.created_at), "last_seen_at": admin._iso(x.last_seen_at),
+             "expires_at": admin._iso(x.expires_at), "address": x.address}
+            for x in await store.list_sessions(args.email)
+        ]
+        return data, lambda d: _table(d, ["id", "email", "account", "role", "created_at", "last_seen_at"])
+    count = await store.revoke_sessions(public_id=args.session, email=args.email, everyone=args.all)
+    if args.session and not count:
+        raise admin.AdminError(f"no live session {args.session!r} (see `quota-proxy dashboard sessions list`)")
+    return {"revoked": count}, lambda d: f"revoked {d['revoked']} session(s)\n"
 
 
 def _config_view(settings: Settings) -> dict[str, Any]:

@@ -36,6 +36,19 @@ class ServerSettings:
     metrics_token_env: str | None = None
     metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "auto"
+    public_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    """The web dashboard: where it is mounted and how its session cookies behave."""
+
+    enabled: bool = True
+    path: str = "/dashboard"
+    secure_cookies: str = "auto"  # "auto": Secure when the request came over TLS; or "always"/"never"
+    session_idle_minutes: int = 60
+    session_max_hours: int = 12
+    invitation_hours: int = 72
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +120,7 @@ class Settings:
     store: StoreSettings = StoreSettings()
     billing: BillingSettings = BillingSettings()
     funding: FundingSettings = FundingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
@@ -148,13 +162,16 @@ def parse_settings(
     v = _Validator()
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
-    v.only_keys("", raw, {"server", "store", "billing", "funding", "upstreams", "routes", "packages"})
+    v.only_keys(
+        "", raw, {"server", "store", "billing", "funding", "dashboard", "upstreams", "routes", "packages"}
+    )
 
     srv = v.table("server", raw.get("server"))
     v.only_keys(
         "server",
         srv,
-        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format"},
+        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format",
+         "public_url"},
     )
     metrics_env = srv.get("metrics_token_env")
     metrics_token = None
@@ -177,6 +194,7 @@ def parse_settings(
         metrics_token_env=metrics_env,
         metrics_token=metrics_token,
         log_format=log_format,
+        public_url=_public_url(v, srv.get("public_url")),
     )
 
     st = v.table("store", raw.get("store"))
@@ -203,6 +221,8 @@ def parse_settings(
     v.only_keys("funding", fd, {"max_grant_usd"})
     max_grant = v.decimal("funding.max_grant_usd", fd.get("max_grant_usd", 10_000))
     funding = FundingSettings(max_grant_usd=max_grant)
+
+    dashboard = _dashboard_settings(v, v.table("dashboard", raw.get("dashboard")))
 
     upstreams: dict[str, Upstream] = {}
     for name, up in v.table("upstreams", raw.get("upstreams")).items():
@@ -302,11 +322,48 @@ def parse_settings(
         store=store,
         billing=billing,
         funding=funding,
+        dashboard=dashboard,
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),
         source=source,
         warnings=tuple(v.warnings),
+    )
+
+
+def _public_url(v: _Validator, value: Any) -> str | None:
+    if value is None:
+        return None
+    url = v.string("server.public_url", value).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        v.problem("server.public_url", "must start with http:// or https://")
+    return url
+
+
+def _dashboard_settings(v: _Validator, db: Mapping[str, Any]) -> DashboardSettings:
+    v.only_keys(
+        "dashboard",
+        db,
+        {"enabled", "path", "secure_cookies", "session_idle_minutes", "session_max_hours",
+         "invitation_hours"},
+    )
+    path = v.string("dashboard.path", db.get("path", "/dashboard")).rstrip("/")
+    if not path.startswith("/") or path.startswith("/v1") or any(c in path for c in "?#% "):
+        v.problem("dashboard.path", 'must be a path such as "/dashboard" (not under /v1)')
+    secure = db.get("secure_cookies", "auto")
+    if isinstance(secure, bool):
+        secure = "always" if secure else "never"
+    if secure not in ("auto", "always", "never"):
+        v.problem("dashboard.secure_cookies", 'must be "auto", true or false')
+    return DashboardSettings(
+        enabled=v.boolean("dashboard.enabled", db.get("enabled", True)),
+        path=path,
+        secure_cookies=str(secure),
+        session_idle_minutes=v.integer(
+            "dashboard.session_idle_minutes", db.get("session_idle_minutes", 60), 1
+        ),
+        session_max_hours=v.integer("dashboard.session_max_hours", db.get("session_max_hours", 12), 1),
+        invitation_hours=v.integer("dashboard.invitation_hours", db.get("invitation_hours", 72), 1),
     )
 
 

@@ -20,6 +20,7 @@ import anyio
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.dashboard_sqlite import DashboardQueries
 from quota_proxy.store.models import (
     Account,
     IdempotencyMismatch,
@@ -32,7 +33,7 @@ from quota_proxy.store.models import (
     UsageRow,
 )
 
-MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql")
+MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v5.sql")  # TODO(dash): v4 from store
 BUSY_TIMEOUT_MS = 30_000
 
 _ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
@@ -118,7 +119,7 @@ def _ledger(row: Any) -> LedgerEntry:
     return LedgerEntry(*row)
 
 
-class SqliteStore:
+class SqliteStore(DashboardQueries):
     """The store interface over one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
