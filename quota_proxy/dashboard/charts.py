@@ -12,8 +12,8 @@ from markupsafe import Markup
 
 from quota_proxy.store.dashboard_models import DayRouteCharge
 
-WIDTH, HEIGHT = 720, 240
-LEFT, BOTTOM, TOP = 64, 28, 12
+WIDTH, HEIGHT = 480, 240  # viewBox units; ticks stay readable from 320 px wide
+LEFT, BOTTOM, TOP = 78, 28, 14
 SERIES = 8  # colour classes s0..s7 in the stylesheet; further routes reuse them
 
 
@@ -63,7 +63,7 @@ def daily_route_chart(
                 f'height="{max(h, 0.5):.1f}"><title>{escape(day)} {escape(row.route)}: '
                 f"{escape(label(row.charged))}</title></rect>"
             )
-        if i % 7 == 0 or i == len(day_list) - 1:
+        if i % 7 == 0 or (i == len(day_list) - 1 and i % 7 >= 4):
             parts.append(
                 f'<text class="tick" x="{LEFT + i * slot + slot / 2:.1f}" y="{HEIGHT - 8}" '
                 f'text-anchor="middle">{escape(day[5:])}</text>'

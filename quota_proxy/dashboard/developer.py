@@ -18,7 +18,7 @@ from starlette.responses import Response
 from quota_proxy import admin
 from quota_proxy.api.usage import MAX_DAYS, usage_csv
 from quota_proxy.config import Limits
-from quota_proxy.dashboard.charts import daily_route_chart
+from quota_proxy.dashboard.charts import daily_route_chart, last_days
 from quota_proxy.dashboard.web import Ctx, Form, PageError, posted, redirect, render, signed_in
 from quota_proxy.money import format_usd
 from quota_proxy.store import Account
@@ -56,26 +56,14 @@ async def overview(request: Request) -> Response:
     store = ctx.dash.store
     account = await own_account(ctx)
     by_day = {line.label: line.charged for line in await store.usage_by(account.id, UsageGroup.DAY, 30)}
-    days = sorted(by_day, reverse=True)
+    days = last_days(30)  # oldest first, today last
     spend = {
-        "today": sum(by_day[d] for d in days[:1] if d == _today()),
-        "7 days": sum(v for d, v in by_day.items() if d >= _day_ago(6)),
-        "30 days": sum(by_day.values()),
+        "today": by_day.get(days[-1], 0),
+        "7 days": sum(by_day.get(d, 0) for d in days[-7:]),
+        "30 days": sum(by_day.get(d, 0) for d in days),
     }
     return render(request, "overview.html", ctx, account=account, spend=spend,
                   **await chart(ctx, account.id))
-
-
-def _today() -> str:
-    from quota_proxy.dashboard.charts import last_days
-
-    return last_days(1)[0]
-
-
-def _day_ago(n: int) -> str:
-    from quota_proxy.dashboard.charts import last_days
-
-    return last_days(n + 1)[0]
 
 
 # -- keys -------------------------------------------------------------------------------
