@@ -14,6 +14,7 @@ from quota_proxy.api.funding import grant_request_hash, grant_view
 from quota_proxy.config import Limits, Settings
 from quota_proxy.store import (
     Account,
+    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
@@ -70,6 +71,62 @@ def ledger_view(entry: LedgerEntry, settings: Settings) -> dict[str, Any]:
         "related_id": entry.related_id,
         "description": entry.description,
         "created_at": _iso(entry.created_at),
+        "charge": charge_view(entry.charge, settings) if entry.charge is not None else None,
+    }
+
+
+def charge_view(charge: ChargeDetails, settings: Settings) -> dict[str, Any]:
+    """What a charge was for (SPEC §4), in the field names of the usage views."""
+    return {
+        "request_id": charge.request_id,
+        "key_id": charge.key_id,
+        "key_prefix": charge.key_prefix,
+        "external_user_id": charge.user,
+        "route": charge.route,
+        "upstream_model": charge.upstream_model,
+        "input_tokens": charge.input_tokens,
+        "output_tokens": charge.output_tokens,
+        "cache_read_tokens": charge.cache_read_tokens,
+        "cache_write_tokens": charge.cache_write_tokens,
+        "cache_write_1h_tokens": charge.cache_write_1h_tokens,
+        "reasoning_tokens": charge.reasoning_tokens,
+        "multiplier": charge.multiplier,
+        "charged": settings.money.usd(charge.charged),
+        "charged_quota_tokens": charge.charged,
+        "estimated": charge.estimated,
+        "outcome": charge.outcome.value,
+        "status": charge.status,
+        "session_id": charge.session_id,
+    }
+
+
+async def ledger_page(
+    store: SqliteStore,
+    settings: Settings,
+    account_name: str,
+    external_id: str | None,
+    limit: int | None,
+    before: str | None,
+) -> dict[str, Any]:
+    """One page of a ledger, newest first, saying how many older entries it leaves out.
+
+    `before` is an entry's ledg_ id: the page starts just below it.
+    """
+    account = await developer(store, account_name)
+    target = await app_user(store, account, external_id) if external_id else account
+    before_id = None
+    if before is not None:
+        anchor = await store.ledger_entry(before)
+        if anchor is None or anchor.account_id != target.id:
+            raise AdminError(f"--before: no ledger entry {before!r} in this ledger")
+        before_id = anchor.id
+    page = await store.ledger_page(target.id, limit, before_id)
+    return {
+        "account": account.name,
+        "external_user_id": external_id,
+        "entries": [ledger_view(e, settings) for e in page.entries],
+        "more": page.more,
+        "next_before": page.entries[-1].public_id if page.next_before is not None else None,
     }
 
 

@@ -129,11 +129,20 @@ async def test_every_command_prints_one_json_document(gateway: GatewayHarness) -
     assert rows[0]["charged_quota_tokens"] == charged
     assert one_json(cli_after(gateway, "usage", "--account", "shop", "--days", "1", "--json"))["rows"] == rows
 
-    ledger = one_json(gateway.cli("ledger", "list", "--account", "shop", "--json"))
+    page = one_json(gateway.cli("ledger", "list", "--account", "shop", "--json"))
+    assert (page["account"], page["more"], page["next_before"]) == ("shop", 0, None)
+    ledger = page["entries"]
     assert [e["amount_quota_tokens"] for e in ledger] == [5_000_000, 500, 1_250_000, -charged, 5_500_000]
     assert ledger[0]["balance_after_quota_tokens"] == expected
     assert all(e["id"].startswith("ledg_") for e in ledger)
     assert ledger[3]["kind"] == "charge" and ledger[3]["request_id"].startswith("req_")
+    charge = ledger[3]["charge"]
+    assert charge["request_id"] == ledger[3]["request_id"]
+    assert (charge["route"], charge["upstream_model"], charge["multiplier"]) == ("quota/sonnet", "fake-sonnet", "x3")
+    assert (charge["input_tokens"], charge["output_tokens"], charge["charged_quota_tokens"]) == (5, 8, charged)
+    assert (charge["key_id"], charge["key_prefix"]) == (live["id"], live["prefix"])
+    assert (charge["estimated"], charge["outcome"], charge["external_user_id"]) == (False, "ok", None)
+    assert all(e["charge"] is None for i, e in enumerate(ledger) if i != 3)
 
     verified = one_json(gateway.cli("ledger", "verify", "--json"))
     assert verified["ok"] is True and verified["problems"] == []
