@@ -306,3 +306,19 @@ async def test_concurrent_credits_and_charges_keep_the_books_exact(store: Sqlite
     assert await store.verify_ledger() == []
     page = await store.ledger_page(account.id, None)
     assert len(page.entries) == 81
+
+
+async def test_sync_puts_the_cheap_commits_on_disk(store: SqliteStore) -> None:
+    account = await funded(store)
+    for _ in range(3):
+        await store.settle(settlement(account))
+    log, checkpointed = await store.sync()
+    assert log > 0 and checkpointed == log  # every frame of the WAL is in the database file
+    # a copy of the main file alone (no WAL) holds the charges now
+    copy = store.path.with_name("copy.db")
+    copy.write_bytes(store.path.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        assert conn.execute("SELECT count(*) FROM ledger WHERE kind = 'charge'").fetchone()[0] == 3
+    finally:
+        conn.close()
