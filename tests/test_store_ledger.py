@@ -322,3 +322,14 @@ async def test_sync_puts_the_cheap_commits_on_disk(store: SqliteStore) -> None:
         assert conn.execute("SELECT count(*) FROM ledger WHERE kind = 'charge'").fetchone()[0] == 3
     finally:
         conn.close()
+
+
+async def test_verify_finds_a_charge_that_does_not_match_its_request(store: SqliteStore) -> None:
+    account = await funded(store)
+    await store.settle(settlement(account, charged=90))
+    assert await store.verify_ledger() == []
+    await store.db.execute("UPDATE requests SET charged = 91")  # the request table is not append-only
+    problems = await store.verify_ledger()
+    assert [(p["name"], p["unmatched_charges"], p["balance"] - p["ledger_sum"]) for p in problems] == [
+        ("acme", 1, 0)
+    ]

@@ -359,19 +359,23 @@ class SqliteStore:
         return _ledger(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
-        """Accounts whose balance differs from the sum of their ledger, or whose held
-        amount differs from their open holds. Empty means the books reconcile."""
+        """Accounts whose balance differs from the sum of their ledger, whose held amount
+        differs from their open holds, or with charge entries that do not match their
+        request (missing, another amount, another payer). Empty means the books reconcile."""
         rows = await self._all(
             """
             SELECT a.id, a.kind, a.name, a.balance, a.held,
                    coalesce((SELECT sum(amount) FROM ledger WHERE account_id = a.id), 0),
-                   coalesce((SELECT sum(amount) FROM holds WHERE account_id = a.id), 0)
+                   coalesce((SELECT sum(amount) FROM holds WHERE account_id = a.id), 0),
+                   (SELECT count(*) FROM ledger l LEFT JOIN requests r ON r.request_id = l.request_id
+                    WHERE l.account_id = a.id AND l.kind = 'charge'
+                      AND (r.id IS NULL OR r.charged != -l.amount OR r.charged_account_id != a.id))
             FROM accounts a
             """
         )
         problems = []
-        for acc_id, kind, name, balance, held, ledger_sum, holds_sum in rows:
-            if balance != ledger_sum or held != holds_sum:
+        for acc_id, kind, name, balance, held, ledger_sum, holds_sum, unmatched in rows:
+            if balance != ledger_sum or held != holds_sum or unmatched:
                 problems.append(
                     {
                         "account_id": acc_id,
@@ -381,6 +385,7 @@ class SqliteStore:
                         "ledger_sum": ledger_sum,
                         "held": held,
                         "open_holds": holds_sum,
+                        "unmatched_charges": unmatched,
                     }
                 )
         return problems
