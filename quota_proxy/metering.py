@@ -27,7 +27,7 @@ from quota_proxy.errors import (
 )
 from quota_proxy.routing import RouteTable
 from quota_proxy.sse import SSEMeter, choice_texts
-from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.store import InsufficientFunds, KeyRecord, Outcome, Settlement, SqliteStore, TooManyInFlight
 from quota_proxy.tokens import estimate_output_tokens, estimate_prompt_tokens
 from quota_proxy.upstream import OUTCOME_KEY
 
@@ -460,7 +460,7 @@ class _MeteredResponse:
             multiplier=str(mult),
             charged=charged,
             estimated=usage.estimated,
-            outcome=outcome,
+            outcome=Outcome(outcome),
             status=self.status or 0,
         )
         log = self.scope.setdefault("quota.log", {})
