@@ -333,3 +333,20 @@ async def test_verify_finds_a_charge_that_does_not_match_its_request(store: Sqli
     assert [(p["name"], p["unmatched_charges"], p["balance"] - p["ledger_sum"]) for p in problems] == [
         ("acme", 1, 0)
     ]
+
+
+async def test_a_cancelled_durable_write_leaves_no_transaction_open(store: SqliteStore) -> None:
+    account = await store.create_account("acme")
+    done = 0
+    for i in range(40):  # cancel at different points: lock, BEGIN, INSERT, COMMIT
+        with anyio.move_on_after(i * 0.00005):
+            await store.credit(account.id, 1, "credit", "")
+            done += 1
+        await store.credit(account.id, 1000, "credit", "")  # the next one always works
+    fresh = await store.account(account.id)
+    assert fresh is not None
+    ledger = await store.ledger_page(account.id, None)
+    assert fresh.balance == sum(e.amount for e in ledger.entries)
+    assert fresh.balance - 40 * 1000 == len(ledger.entries) - 40 == done  # each 1 whole or absent
+    assert 0 < done < 40  # some were cancelled, some not
+    assert await store.verify_ledger() == []

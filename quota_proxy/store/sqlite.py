@@ -11,6 +11,7 @@ See docs/reliability.md for what a power cut can cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -206,14 +207,17 @@ class SqliteStore:
         if tx is None:
             raise StoreError("the store is not open")
         async with self._tx_lock:
-            await tx.execute("BEGIN IMMEDIATE")
             try:
+                await tx.execute("BEGIN IMMEDIATE")
                 yield tx
             except BaseException:
-                if tx.in_transaction:
+                # Shielded, and queued behind whatever the connection's thread still runs
+                # (a cancelled BEGIN may yet execute), so no transaction outlives the lock.
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.OperationalError):
                     await tx.execute("ROLLBACK")
                 raise
-            await tx.execute("COMMIT")
+            with anyio.CancelScope(shield=True):
+                await tx.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         rows = await self.db.execute_fetchall(sql, tuple(params))
