@@ -9,7 +9,7 @@ from quota_proxy.api.common import Services, external_user_id, query, user_view
 from quota_proxy.asgi import Receive, Scope, Send, send_json
 from quota_proxy.errors import UserNotFound
 from quota_proxy.money import format_usd
-from quota_proxy.store import KeyRecord
+from quota_proxy.state import caller_key
 
 USAGE_DAYS = 30
 TOP_USERS = 100  # /v1/me lists the app users who spent most; `quota-proxy usage` lists all
@@ -21,7 +21,7 @@ class AccountApi:
         self.s = services
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         data = [
             {
                 "id": r.alias,
@@ -39,7 +39,7 @@ class AccountApi:
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def balance(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         params = query(scope)
         money = self.s.money
         if "external_user_id" in params:
@@ -65,7 +65,7 @@ class AccountApi:
         )
 
     async def me(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         money = self.s.money
         account = await self.s.store.account(key.account_id)
         assert account is not None

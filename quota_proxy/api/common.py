@@ -17,6 +17,7 @@ from quota_proxy.keys import KIND_SECRET
 from quota_proxy.metrics import Metrics
 from quota_proxy.money import Money
 from quota_proxy.routing import RouteTable
+from quota_proxy.state import caller_key
 from quota_proxy.store import Account, KeyRecord, SqliteStore
 
 EXTERNAL_USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -49,7 +50,7 @@ def query(scope: Scope) -> dict[str, str]:
 
 
 def require_secret(scope: Scope) -> KeyRecord:
-    key: KeyRecord = scope["quota.key"]
+    key = caller_key(scope)
     if key.kind != KIND_SECRET:
         raise PermissionDenied("This endpoint needs a secret key (sk-quota-…).")
     return key

@@ -22,8 +22,8 @@ from quota_proxy.errors import (
     InsufficientBalance,
     UserNotFound,
 )
-from quota_proxy.metering import Billing
 from quota_proxy.money import Money, parse_decimal
+from quota_proxy.state import Billing, request_state
 from quota_proxy.store import IdempotencyMismatch, InsufficientFunds
 
 MAX_DESCRIPTION = 500
@@ -80,7 +80,7 @@ class FundingApi:
                 available=short.available,
                 message="Your grant pool is too low for this grant.",
             ) from None
-        scope.setdefault("quota.log", {}).update(user=user_id, granted=amount, duplicate=duplicate)
+        request_state(scope).log.update(user=user_id, granted=amount, duplicate=duplicate)
         await send_json(send, 200, grant_view(facts, duplicate, self.s.money))
 
     def _amount(self, raw: Any) -> int:
@@ -135,8 +135,9 @@ class FundingApi:
         if user is None:
             raise UserNotFound()
         payer = user.id if user.billing_mode == "user" else key.account_id
-        scope["quota.billing"] = Billing(key.account_id, payer, user.id)
-        scope.setdefault("quota.log", {})["user"] = user.name
+        state = request_state(scope)
+        state.billing = Billing(key.account_id, payer, user.id)
+        state.log["user"] = user.name
         scope["path"] = "/v1/chat/completions"
         await self.completions(scope, receive, send)
 
