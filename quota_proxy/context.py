@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send, send_error
 from quota_proxy.errors import QuotaError
 
 access_log = logging.getLogger("quota_proxy.access")
@@ -70,7 +70,7 @@ class RequestContextMiddleware:
             # The type and request id only: a traceback's text could quote a prompt.
             error_log.error("unhandled %s in request %s", type(exc).__name__, request_id)
             if status == 0:
-                await QuotaError().send(scope, receive, send_with_id)
+                await send_error(send_with_id, QuotaError())
             status = status or 500
         finally:
             log["request_id"] = request_id

@@ -15,7 +15,17 @@ from typing import Any
 import anyio
 import orjson
 
-from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_bytes
+from quota_proxy.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    replay_receive,
+    send_bytes,
+    send_error,
+)
 from quota_proxy.config import Limits, Route, Settings
 from quota_proxy.errors import (
     BadRequest,
@@ -83,14 +93,14 @@ class MeteringMiddleware:
             body = await read_body(scope, receive, self.max_body)
             request = self._parse(scope, body)
         except QuotaError as error:
-            await error.send(scope, receive, send)
+            await send_error(send, error)
             return
         scope.setdefault("quota.log", {})["route"] = request.route.alias
         try:
             await self._check_rate(request)
             hold_id, cap = await self._hold(scope, request)
         except QuotaError as error:
-            await error.send(scope, receive, send)
+            await send_error(send, error)
             return
         request.apply(cap)
         scope["quota.route"] = request.route
@@ -383,9 +393,7 @@ class _MeteredResponse:
                 raise ValueError
         except ValueError:
             await self.settle_once("upstream_malformed")
-            await UpstreamError("The upstream model server sent a malformed reply.").send(
-                self.scope, _no_receive, self._send
-            )
+            await send_error(self._send, UpstreamError("The upstream model server sent a malformed reply."))
             return
         usage = _read_usage(obj.get("usage"))
         if usage is None:
@@ -501,7 +509,3 @@ def _is_event_stream(message: Message) -> bool:
         if key.lower() == b"content-type":
             return bytes(value).startswith(b"text/event-stream")
     return False
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes
+from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes, send_error
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import (
@@ -177,7 +177,7 @@ class UpstreamProxy:
             return
         scope[OUTCOME_KEY] = "upstream_error"
         assert failure is not None
-        await failure.send(scope, _never, send)
+        await send_error(send, failure)
 
     def _failed(
         self, scope: Scope, upstream: Upstream, kind: str, started: float, attempt: int, last: bool
@@ -198,12 +198,12 @@ class UpstreamProxy:
             _record_upstream_time(scope)
         except UpstreamHTTPError as exc:
             scope[OUTCOME_KEY] = "upstream_error"
-            await translate_exception(exc).send(scope, _never, send)
+            await send_error(send, translate_exception(exc))
             return
         error = translate_status(response)
         if error is not None:
             scope[OUTCOME_KEY] = "upstream_error"
-            await error.send(scope, _never, send)
+            await send_error(send, error)
             return
         scope[OUTCOME_KEY] = "ok" if response.status_code < 400 else "upstream_rejected"
         content_type = response.header(b"content-type") or b"application/json"
@@ -249,10 +249,3 @@ def _record_upstream_time(scope: Scope) -> None:
     elapsed = time.perf_counter() - scope["quota.upstream_started"]
     scope["quota.upstream_s"] = elapsed
     scope["quota.log"]["upstream_ms"] = round(elapsed * 1000, 3)
-
-
-async def _never() -> Message:
-    """The receive() of an error reply sent from inside the exchange: the watcher owns the real one."""
-    forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-    return await forever
-
