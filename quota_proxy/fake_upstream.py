@@ -25,7 +25,7 @@ import anyio
 import orjson
 
 from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
-from quota_proxy.runner import run_server
+from quota_proxy.runner import RunningServer, run_server
 
 Events = Iterator[tuple[bool, bytes]]
 Endpoint = Callable[[dict[str, Any], "_Plan"], "bytes | Events"]
@@ -434,16 +434,10 @@ def create_fake_upstream(options: FakeUpstreamOptions | None = None) -> FakeUpst
 
 
 @dataclass
-class RunningUpstream:
-    app: FakeUpstream
-    host: str
-    port: int
+class RunningUpstream(RunningServer):
+    """A served fake: ``url`` is the root (the ``/_fake/...`` control endpoints), ``base_url`` the API."""
 
-    @property
-    def url(self) -> str:
-        """The server root, where the ``/_fake/...`` control endpoints live."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+    app: FakeUpstream
 
     @property
     def base_url(self) -> str:
@@ -458,4 +452,4 @@ async def run_fake_upstream(
     """Serve a fake upstream in the running event loop, on a free port by default."""
     app = create_fake_upstream(options)
     async with run_server(app, host=host, port=port) as server:
-        yield RunningUpstream(app, server.host, server.port)
+        yield RunningUpstream(server.host, server.port, app)

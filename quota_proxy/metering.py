@@ -35,6 +35,7 @@ from quota_proxy.errors import (
     StreamNotSupported,
     UpstreamError,
 )
+from quota_proxy.json_body import parse_object
 from quota_proxy.routing import RouteTable
 from quota_proxy.sse import SSEMeter, choice_texts
 from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
@@ -120,12 +121,7 @@ class MeteringMiddleware:
 
     def _parse(self, scope: Scope, body: bytes) -> _MeteredRequest:
         kind = ENDPOINT_KINDS.get(scope["path"]) or _kind_by_suffix(scope["path"])
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise BadRequest("The request body is not valid JSON.") from None
-        if not isinstance(payload, dict):
-            raise BadRequest("The request body must be a JSON object.")
+        payload = parse_object(body)
         model = payload.get("model")
         if model is None:
             raise BadRequest("Missing required parameter: 'model'.", param="model")
