@@ -30,16 +30,6 @@ from quota_proxy.runner import RunningServer, run_server
 Events = Iterator[tuple[bool, bytes]]
 Endpoint = Callable[[dict[str, Any], "_Plan"], "bytes | Events"]
 
-__all__ = [
-    "HUGE_WORDS",
-    "FakeUpstream",
-    "FakeUpstreamOptions",
-    "RecordedRequest",
-    "RunningUpstream",
-    "create_fake_upstream",
-    "run_fake_upstream",
-]
-
 WORDS = ("hello", "world", "this", "is", "a", "fake", "reply", "from", "the", "test")
 MODELS = ("fake-chat", "fake-embedding")
 HUGE_WORDS = 1_200_000
