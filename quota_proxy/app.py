@@ -20,7 +20,7 @@ from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
@@ -118,7 +118,7 @@ class Gateway:
                 return
             raise NotFound()
         except QuotaError as error:
-            await error.send(scope, receive, send)
+            await send_error(send, error)
 
     def reload(self) -> bool:
         """Re-read the TOML file: routes, upstreams, packages and billing switch over for the

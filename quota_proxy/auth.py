@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.errors import InvalidApiKey
 from quota_proxy.keys import digest, key_kind
 from quota_proxy.state import request_state
@@ -71,7 +71,7 @@ class AuthMiddleware:
         record = await self.keys.lookup(key) if key else None
         if record is None:
             message = "Missing API key." if key is None else "Invalid, revoked or expired API key."
-            await InvalidApiKey(message).send(scope, receive, send)
+            await send_error(send, InvalidApiKey(message))
             return
         state = request_state(scope)
         state.key = record

@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send, send_error
 from quota_proxy.errors import QuotaError
 from quota_proxy.state import STATE_KEY, RequestState, new_request_id
 
@@ -67,7 +67,7 @@ class RequestContextMiddleware:
                 "unhandled %s in request %s\n%s", type(exc).__name__, request_id, where_it_failed(exc)
             )
             if status == 0:
-                await QuotaError().send(scope, receive, send_with_id)
+                await send_error(send_with_id, QuotaError())
             status = status or 500
         finally:
             log["request_id"] = request_id

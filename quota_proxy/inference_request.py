@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from quota_proxy.errors import BadRequest
+from quota_proxy.json_body import parse_object
 from quota_proxy.tokens import estimate_prompt_tokens
 
 MAX_CHOICES = 128
@@ -76,12 +77,7 @@ class InferenceRequest:
 def parse_inference_request(path: str, body: bytes) -> InferenceRequest:
     """Validate what metering relies on; raise BadRequest with the offending param otherwise."""
     kind = endpoint_kind(path)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("The request body is not valid JSON.") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
+    payload = parse_object(body)
     model = payload.get("model")
     if model is None:
         raise BadRequest("Missing required parameter: 'model'.", param="model")

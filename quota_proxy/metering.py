@@ -14,7 +14,7 @@ import time
 
 import anyio
 
-from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive
+from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_error
 from quota_proxy.config import Limits, Settings
 from quota_proxy.errors import QuotaError, RateLimited, StreamNotSupported
 from quota_proxy.holds import HoldKeeper
@@ -65,7 +65,7 @@ class MeteringMiddleware:
             request = parse_inference_request(scope["path"], body)
             meter = await self._open(state, request)
         except QuotaError as error:
-            await error.send(scope, receive, send)
+            await send_error(send, error)
             return
         reply = MeteredReply(scope, meter, send)
         outcome = Outcome.FAILED

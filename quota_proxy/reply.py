@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from quota_proxy.asgi import Message, Scope, Send, send_bytes
+from quota_proxy.asgi import Message, Scope, Send, send_bytes, send_error
 from quota_proxy.errors import UpstreamError
 from quota_proxy.inference_request import Kind
 from quota_proxy.meter import Meter, Usage
@@ -82,7 +82,7 @@ class MeteredReply:
         except ValueError:
             self.malformed = True
             self.status = UpstreamError.status
-            await UpstreamError(MALFORMED).send(self.scope, _no_receive, self._send)
+            await send_error(self._send, UpstreamError(MALFORMED))
             return
         usage = read_usage(obj.get("usage"))
         if usage is None:
@@ -148,6 +148,3 @@ def _is_event_stream(message: Message) -> bool:
             return bytes(value).startswith(b"text/event-stream")
     return False
 
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}

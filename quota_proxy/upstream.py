@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
+from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import (
@@ -225,7 +225,7 @@ class UpstreamProxy:
             outcome = Outcome.UPSTREAM_MALFORMED
             self._failed(state, route, upstream, "malformed_reply", started, attempt, last)
         assert failure is not None
-        await failure.send(scope, _never, send)
+        await send_error(send, failure)
         return outcome
 
     def _failed(
@@ -262,7 +262,7 @@ class UpstreamProxy:
         _record_upstream_time(state, started)
         error = translate_status(response)
         if error is not None:
-            await error.send(scope, _never, send)
+            await send_error(send, error)
             return Outcome.UPSTREAM_ERROR
         if response.status_code == 200 and (stream or not looks_like_json_object(body)):
             return None  # a stream asked for and JSON (or anything else) given, or not JSON at all
@@ -322,9 +322,3 @@ def _record_upstream_time(state: RequestState, started: float) -> None:
     elapsed = time.perf_counter() - started
     state.upstream_s = elapsed
     state.log["upstream_ms"] = round(elapsed * 1000, 3)
-
-
-async def _never() -> Message:
-    """The receive() of an error reply sent from inside the exchange: the watcher owns the real one."""
-    forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-    return await forever

@@ -27,7 +27,7 @@ from quota_proxy import (
     parse_settings,
 )
 from quota_proxy.context import RequestContextMiddleware
-from quota_proxy.testing import run_server
+from quota_proxy.runner import run_server
 
 pytestmark = pytest.mark.anyio
 
