@@ -9,95 +9,19 @@ import datetime as dt
 from typing import Any
 
 from quota_proxy import keys as keymod
-from quota_proxy.api.common import EXTERNAL_USER_ID
-from quota_proxy.api.funding import grant_request_hash, grant_view
 from quota_proxy.config import Limits, Settings
+from quota_proxy.grants import EXTERNAL_USER_ID, grant_request_hash
 from quota_proxy.store import (
     Account,
-    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
-    KeyRecord,
-    LedgerEntry,
     SqliteStore,
 )
+from quota_proxy.views import account_view, grant_view, ledger_view
 
 
 class AdminError(Exception):
     """A mistake in the operator's request: printed as one line, exit status 1."""
-
-
-def account_view(account: Account, settings: Settings) -> dict[str, Any]:
-    usd = settings.money.usd
-    return {
-        "id": account.public_id,
-        "name": account.name,
-        "balance": usd(account.balance),
-        "balance_quota_tokens": account.balance,
-        "held_quota_tokens": account.held,
-        "available_quota_tokens": account.available,
-    }
-
-
-def key_view(key: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": key.public_id,
-        "prefix": key.prefix,
-        "account": key.account_name,
-        "kind": key.kind,
-        "name": key.name,
-        "routes": list(key.routes) if key.routes is not None else None,
-        "allow_community": key.allow_community,
-        "rpm": key.rpm,
-        "tpm": key.tpm,
-        "max_concurrent": key.max_concurrent,
-        "expires_at": _iso(key.expires_at),
-        "revoked_at": _iso(key.revoked_at),
-        "created_at": _iso(key.created_at),
-    }
-
-
-def ledger_view(entry: LedgerEntry, settings: Settings) -> dict[str, Any]:
-    usd = settings.money.usd
-    return {
-        "id": entry.public_id,
-        "kind": entry.kind,
-        "amount": usd(entry.amount),
-        "amount_quota_tokens": entry.amount,
-        "balance_after": usd(entry.balance_after),
-        "balance_after_quota_tokens": entry.balance_after,
-        "request_id": entry.request_id,
-        "idempotency_key": entry.idempotency_key,
-        "related_id": entry.related_id,
-        "description": entry.description,
-        "created_at": _iso(entry.created_at),
-        "charge": charge_view(entry.charge, settings) if entry.charge is not None else None,
-    }
-
-
-def charge_view(charge: ChargeDetails, settings: Settings) -> dict[str, Any]:
-    """What a charge was for (SPEC §4), in the field names of the usage views."""
-    return {
-        "request_id": charge.request_id,
-        "key_id": charge.key_id,
-        "key_prefix": charge.key_prefix,
-        "external_user_id": charge.user,
-        "route": charge.route,
-        "upstream_model": charge.upstream_model,
-        "input_tokens": charge.input_tokens,
-        "output_tokens": charge.output_tokens,
-        "cache_read_tokens": charge.cache_read_tokens,
-        "cache_write_tokens": charge.cache_write_tokens,
-        "cache_write_1h_tokens": charge.cache_write_1h_tokens,
-        "reasoning_tokens": charge.reasoning_tokens,
-        "multiplier": charge.multiplier,
-        "charged": settings.money.usd(charge.charged),
-        "charged_quota_tokens": charge.charged,
-        "estimated": charge.estimated,
-        "outcome": charge.outcome.value,
-        "status": charge.status,
-        "session_id": charge.session_id,
-    }
 
 
 async def ledger_page(
@@ -124,16 +48,10 @@ async def ledger_page(
     return {
         "account": account.name,
         "external_user_id": external_id,
-        "entries": [ledger_view(e, settings) for e in page.entries],
+        "entries": [ledger_view(e, settings.money) for e in page.entries],
         "more": page.more,
         "next_before": page.entries[-1].public_id if page.next_before is not None else None,
     }
-
-
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_expiry(text: str) -> int:
@@ -187,7 +105,7 @@ async def create_account(
     if amount:
         await store.credit(account.id, amount, "credit", "initial funding")
         account = await developer(store, name)
-    return account_view(account, settings)
+    return account_view(account, settings.money)
 
 
 async def credit(
@@ -212,7 +130,7 @@ async def credit(
     if amount < 0:
         kind = "adjustment"
     entry = await store.credit(account.id, amount, kind, description or "")
-    return {"account": account.name, "entry": ledger_view(entry, settings)}
+    return {"account": account.name, "entry": ledger_view(entry, settings.money)}
 
 
 async def create_key(
