@@ -1,4 +1,5 @@
-"""GET /v1/usage: the account's usage summed per day, route, key or app user, as JSON or CSV.
+"""GET /v1/usage: the account's usage summed per day, route, key, app user or agent session,
+as JSON or CSV. input_tokens are uncached input; cache reads and writes are their own columns.
 
 The dashboard's Usage page and its CSV download use the same functions, so the two always
 show the same numbers.
@@ -14,11 +15,14 @@ from quota_proxy.api.common import Services, query
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
 from quota_proxy.errors import BadRequest
 from quota_proxy.money import Money
-from quota_proxy.store import KeyRecord
+from quota_proxy.state import caller_key
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 
 MAX_DAYS = 366
-CSV_COLUMNS = ("requests", "input_tokens", "output_tokens", "charged_quota_tokens", "charged_usd")
+CSV_COLUMNS = (
+    "requests", "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
+    "charged_quota_tokens", "charged_usd",
+)
 
 
 def parse_group(value: str) -> UsageGroup:
@@ -42,7 +46,8 @@ def usage_csv(group: UsageGroup, lines: list[UsageLine], money: Money) -> str:
     writer.writerow((group.value, *CSV_COLUMNS))
     for line in lines:
         writer.writerow(
-            (line.label, line.requests, line.input_tokens, line.output_tokens, line.charged,
+            (line.label, line.requests, line.input_tokens, line.cache_read_tokens,
+             line.cache_write_tokens, line.output_tokens, line.charged,
              money.usd(line.charged).replace("$", ""))
         )
     return out.getvalue()
@@ -58,6 +63,8 @@ def usage_json(group: UsageGroup, days: int, lines: list[UsageLine], money: Mone
                 group.value: line.label,
                 "requests": line.requests,
                 "input_tokens": line.input_tokens,
+                "cache_read_tokens": line.cache_read_tokens,
+                "cache_write_tokens": line.cache_write_tokens,
                 "output_tokens": line.output_tokens,
                 "charged_quota_tokens": line.charged,
                 "charged": money.usd(line.charged),
@@ -72,7 +79,7 @@ class UsageApi:
         self.s = services
 
     async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         params = query(scope)
         group = parse_group(params.get("group_by", "day"))
         days = parse_days(params.get("days", "30"))

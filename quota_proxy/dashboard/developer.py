@@ -19,20 +19,20 @@ from quota_proxy import admin
 from quota_proxy.api.usage import MAX_DAYS, usage_csv
 from quota_proxy.config import Limits
 from quota_proxy.dashboard.charts import daily_route_chart, last_days
-from quota_proxy.dashboard.web import Ctx, Form, PageError, posted, redirect, render, signed_in
+from quota_proxy.dashboard.web import Ctx, Form, PageError, posted, redirect, render, signed_in, when
 from quota_proxy.money import format_usd
 from quota_proxy.store import Account
 from quota_proxy.store.dashboard_models import UsageGroup
 
 CHART_DAYS = 30
 LEDGER_PAGE = 50
-LEDGER_CSV_MAX = 100_000
 KIND_LABELS = {"live": "Live (inference only)", "secret": "Secret (inference + Funding API)"}
 GROUP_LABELS = {
     UsageGroup.DAY: "Day",
     UsageGroup.ROUTE: "Route",
     UsageGroup.KEY: "Key",
     UsageGroup.USER: "App user",
+    UsageGroup.SESSION: "Agent session",
 }
 
 
@@ -160,7 +160,7 @@ def _usage_params(request: Request) -> tuple[UsageGroup, int]:
     try:
         group = UsageGroup(request.query_params.get("group_by", "day"))
     except ValueError:
-        raise PageError(400, "Group usage by day, route, key or user.") from None
+        raise PageError(400, "Group usage by day, route, key, user or session.") from None
     days_text = request.query_params.get("days", "30")
     if not days_text.isdigit() or not 1 <= int(days_text) <= MAX_DAYS:
         raise PageError(400, f"The number of days must be from 1 to {MAX_DAYS}.")
@@ -203,11 +203,10 @@ def _before(request: Request) -> int | None:
 
 async def ledger(request: Request) -> Response:
     ctx = await signed_in(request)
-    lines = await ctx.dash.store.ledger_lines(ctx.account_id, _before(request), LEDGER_PAGE + 1)
-    more = len(lines) > LEDGER_PAGE
-    lines = lines[:LEDGER_PAGE]
-    return render(request, "ledger.html", ctx, lines=lines,
-                  older=lines[-1].id if more and lines else None, first=_before(request) is None)
+    before = _before(request)
+    page = await ctx.dash.store.ledger_page(ctx.account_id, LEDGER_PAGE, before)
+    return render(request, "ledger.html", ctx, lines=page.entries, older=page.next_before,
+                  more=page.more, first=before is None)
 
 
 async def ledger_export(request: Request) -> Response:
@@ -216,23 +215,24 @@ async def ledger_export(request: Request) -> Response:
 
 
 async def ledger_csv(ctx: Ctx, account_id: int) -> str:
-    lines = await ctx.dash.store.ledger_lines(account_id, None, LEDGER_CSV_MAX)
+    entries = (await ctx.dash.store.ledger_page(account_id, None)).entries
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(("id", "created_at", "kind", "amount_quota_tokens", "balance_after_quota_tokens",
                      "description", "request_id", "route", "upstream_model", "input_tokens",
-                     "output_tokens", "multiplier", "estimated", "outcome"))
-    for line in lines:
-        writer.writerow((line.public_id, line.created_at, line.kind, line.amount, line.balance_after,
-                         line.description, line.request_id or "", line.route or "",
-                         line.upstream_model or "", _blank(line.input_tokens),
-                         _blank(line.output_tokens), line.multiplier or "", _blank(line.estimated),
-                         line.outcome or ""))
+                     "cache_read_tokens", "cache_write_tokens", "output_tokens", "multiplier",
+                     "estimated", "outcome", "key_prefix", "user"))
+    for e in entries:
+        c = e.charge
+        writer.writerow((
+            e.public_id, when(e.created_at), e.kind, e.amount, e.balance_after, e.description,
+            e.request_id or "",
+            *((c.route, c.upstream_model, c.input_tokens, c.cache_read_tokens,
+               c.cache_write_tokens + c.cache_write_1h_tokens, c.output_tokens, c.multiplier,
+               int(c.estimated), c.outcome.value, c.key_prefix or "", c.user or "")
+              if c is not None else ("",) * 11),
+        ))
     return out.getvalue()
-
-
-def _blank(value: object) -> object:
-    return "" if value is None else value
 
 
 # -- packages ---------------------------------------------------------------------------

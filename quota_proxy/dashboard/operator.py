@@ -66,7 +66,7 @@ async def _account_page(ctx: Ctx, account: Account, status: int = 200, **values:
     values.setdefault("form", {})
     return render(
         ctx.request, "account.html", ctx, status=status, account=account,
-        keys=await store.list_keys(account.id), ledger=await store.ledger_lines(account.id, None, 20),
+        keys=await store.list_keys(account.id), ledger=(await store.ledger_page(account.id, 20)).entries,
         **await chart(ctx, account.id), **values,
     )
 

@@ -13,9 +13,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from quota_proxy.api.common import EXTERNAL_USER_ID
-from quota_proxy.api.funding import MAX_DESCRIPTION, grant_request_hash
+from quota_proxy.api.funding import MAX_DESCRIPTION
 from quota_proxy.dashboard.web import Ctx, PageError, posted, redirect, render, signed_in
+from quota_proxy.grants import EXTERNAL_USER_ID, grant_request_hash
 from quota_proxy.store import Account, IdempotencyMismatch, InsufficientFunds
 
 IDEMPOTENCY_PREFIX = "dashboard-"
@@ -91,7 +91,7 @@ async def user_page(request: Request) -> Response:
     ctx = await signed_in(request)
     user = await _own_user(ctx, request.path_params["external_id"])
     store = ctx.dash.store
-    ledger = await store.ledger_lines(user.id, None, 50)
+    ledger = (await store.ledger_page(user.id, 50)).entries
     usage = await store.usage(ctx.account_id, USER_PAGE_DAYS, user.id)
     return render(request, "user.html", ctx, user=user, ledger=ledger, usage=usage,
                   days=USER_PAGE_DAYS, updated="updated" in request.query_params)

@@ -21,6 +21,7 @@ class UsageGroup(StrEnum):
     ROUTE = "route"
     KEY = "key"
     USER = "user"
+    SESSION = "session"  # an agent session (x-session-id and the like)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,9 @@ class UsageLine:
 
     label: str
     requests: int
-    input_tokens: int
+    input_tokens: int  # uncached input
+    cache_read_tokens: int
+    cache_write_tokens: int  # 5-minute and 1-hour cache writes together
     output_tokens: int
     charged: int
 
@@ -82,28 +85,6 @@ class DayRouteCharge:
     day: str
     route: str
     charged: int
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerLine:
-    """A ledger entry with what its charge was for (None for non-charges)."""
-
-    id: int
-    public_id: str
-    amount: int
-    balance_after: int
-    kind: str
-    request_id: str | None
-    idempotency_key: str | None
-    description: str
-    created_at: int
-    route: str | None
-    upstream_model: str | None
-    input_tokens: int | None
-    output_tokens: int | None
-    multiplier: str | None
-    estimated: bool | None
-    outcome: str | None
 
 
 @dataclass(frozen=True, slots=True)

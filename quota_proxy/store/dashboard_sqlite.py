@@ -7,10 +7,10 @@ from the request, so a guessed id from another account matches nothing.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import time
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiosqlite
@@ -20,7 +20,6 @@ from quota_proxy.store.dashboard_models import (
     DashboardSession,
     DayRouteCharge,
     Invitation,
-    LedgerLine,
     Login,
     OpenHold,
     Role,
@@ -78,8 +77,13 @@ def _session(row: Any) -> DashboardSession:
 class DashboardQueries:
     """Methods SqliteStore gains for the dashboard; they use its connections and lock."""
 
-    _tx: aiosqlite.Connection | None
-    _tx_lock: asyncio.Lock
+    def _durable_tx(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        raise NotImplementedError
+
+    async def _durable(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        """One statement on disk when it returns: revocations must survive a power cut."""
+        async with self._durable_tx() as tx:
+            return list(await tx.execute_fetchall(sql, tuple(params)))
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         raise NotImplementedError
@@ -128,42 +132,33 @@ class DashboardQueries:
         The conditional UPDATE is what makes it single-use: of two concurrent submits only
         one finds `used_at IS NULL`. None if the invitation is unknown, used or expired.
         """
-        assert self._tx is not None
-        tx = self._tx
         now = _now_ms()
-        async with self._tx_lock:
-            await tx.execute("BEGIN IMMEDIATE")
-            try:
-                used = list(
-                    await tx.execute_fetchall(
-                        "UPDATE dashboard_invitations SET used_at = ? "
-                        "WHERE token_digest = ? AND used_at IS NULL AND expires_at > ? "
-                        "RETURNING email, account_id, role",
-                        (now, token_digest, now),
-                    )
+        async with self._durable_tx() as tx:
+            used = list(
+                await tx.execute_fetchall(
+                    "UPDATE dashboard_invitations SET used_at = ? "
+                    "WHERE token_digest = ? AND used_at IS NULL AND expires_at > ? "
+                    "RETURNING email, account_id, role",
+                    (now, token_digest, now),
                 )
-                if not used:
-                    await tx.execute("ROLLBACK")
-                    return None
-                email, account_id, role = used[0]
-                await tx.execute(
-                    "INSERT INTO dashboard_logins (public_id, email, account_id, role, password_hash, "
-                    "created_at, password_set_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (email) DO UPDATE SET account_id = excluded.account_id, "
-                    "role = excluded.role, password_hash = excluded.password_hash, "
-                    "password_set_at = excluded.password_set_at, disabled_at = NULL",
-                    (new_id("login"), email, account_id, role, password_hash, now, now),
-                )
-                # A new password ends every session opened with the old one.
-                await tx.execute(
-                    "UPDATE dashboard_sessions SET revoked_at = ? WHERE revoked_at IS NULL AND "
-                    "login_id = (SELECT id FROM dashboard_logins WHERE email = ?)",
-                    (now, email),
-                )
-            except BaseException:
-                await tx.execute("ROLLBACK")
-                raise
-            await tx.execute("COMMIT")
+            )
+            if not used:
+                return None
+            email, account_id, role = used[0]
+            await tx.execute(
+                "INSERT INTO dashboard_logins (public_id, email, account_id, role, password_hash, "
+                "created_at, password_set_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (email) DO UPDATE SET account_id = excluded.account_id, "
+                "role = excluded.role, password_hash = excluded.password_hash, "
+                "password_set_at = excluded.password_set_at, disabled_at = NULL",
+                (new_id("login"), email, account_id, role, password_hash, now, now),
+            )
+            # A new password ends every session opened with the old one.
+            await tx.execute(
+                "UPDATE dashboard_sessions SET revoked_at = ? WHERE revoked_at IS NULL AND "
+                "login_id = (SELECT id FROM dashboard_logins WHERE email = ?)",
+                (now, email),
+            )
         return await self.login_by_email(email)
 
     async def login_by_email(self, email: str) -> Login | None:
@@ -217,9 +212,8 @@ class DashboardQueries:
         return session
 
     async def end_session(self, token_digest: str) -> None:
-        await self._one(
-            "UPDATE dashboard_sessions SET revoked_at = ? WHERE token_digest = ? AND revoked_at IS NULL "
-            "RETURNING id",
+        await self._durable(
+            "UPDATE dashboard_sessions SET revoked_at = ? WHERE token_digest = ? AND revoked_at IS NULL",
             (_now_ms(), token_digest),
         )
 
@@ -249,7 +243,7 @@ class DashboardQueries:
             where, params = "1", ()
         else:
             raise ValueError("name a session, an email or everyone")
-        rows = await self._all(
+        rows = await self._durable(
             f"UPDATE dashboard_sessions SET revoked_at = ? WHERE revoked_at IS NULL AND {where} "
             "RETURNING id",
             (_now_ms(), *params),
@@ -290,12 +284,12 @@ class DashboardQueries:
 
     async def revoke_account_key(self, account_id: int, public_id: str) -> bool:
         """Revoke a key only if it belongs to this account; False when there is no such key."""
-        row = await self._one(
+        rows = await self._durable(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) "
             "WHERE public_id = ? AND account_id = ? RETURNING id",
             (_now_ms(), public_id, account_id),
         )
-        return row is not None
+        return bool(rows)
 
     async def keys_last_used(self, key_ids: list[int]) -> dict[int, int]:
         """When each key was last used (by a settled request); keys never used are absent."""
@@ -309,9 +303,21 @@ class DashboardQueries:
     # -- reports -------------------------------------------------------------------------
 
     async def usage_by(self, account_id: int, group: UsageGroup, days: int) -> list[UsageLine]:
-        """Usage of the last `days` days (UTC, today included) summed by one dimension."""
+        """Usage of the last `days` days (UTC, today included) summed by one dimension.
+
+        Day and route read the per-account roll-up, user the per-user one; key and agent
+        session sum the account's request rows of the period.
+        """
         since = _since_day(days)
-        sums = "sum(requests), sum(input_tokens), sum(output_tokens), sum(charged)"
+        sums = (
+            "sum(requests), sum(input_tokens), sum(cache_read_tokens), "
+            "sum(cache_write_tokens + cache_write_1h_tokens), sum(output_tokens), sum(charged)"
+        )
+        request_sums = (
+            "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
+            "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
+        )
+        start_ms = calendar.timegm(time.strptime(since, "%Y-%m-%d")) * 1000
         if group is UsageGroup.DAY or group is UsageGroup.ROUTE:
             column = group.value
             rows = await self._all(
@@ -326,13 +332,18 @@ class DashboardQueries:
                 "WHERE u.account_id = ? AND u.day >= ? GROUP BY u.user_id ORDER BY 1",
                 (account_id, since),
             )
-        else:
-            start_ms = calendar.timegm(time.strptime(since, "%Y-%m-%d")) * 1000
+        elif group is UsageGroup.KEY:
             rows = await self._all(
-                "SELECT coalesce(k.prefix || ' ' || k.name, k.prefix, ''), count(*), "
-                "sum(r.input_tokens), sum(r.output_tokens), sum(r.charged) FROM requests r "
-                "LEFT JOIN api_keys k ON k.id = r.key_id "
+                f"SELECT coalesce(k.prefix || ' ' || k.name, k.prefix, ''), {request_sums} "
+                "FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id "
                 "WHERE r.account_id = ? AND r.created_at >= ? GROUP BY r.key_id ORDER BY 1",
+                (account_id, start_ms),
+            )
+        else:
+            rows = await self._all(
+                f"SELECT r.session_id, {request_sums} FROM requests r "
+                "WHERE r.account_id = ? AND r.session_id IS NOT NULL AND r.created_at >= ? "
+                "GROUP BY r.session_id ORDER BY min(r.created_at)",
                 (account_id, start_ms),
             )
         return [UsageLine(str(r[0]).strip(), *(int(v) for v in r[1:])) for r in rows]
@@ -344,25 +355,6 @@ class DashboardQueries:
             (account_id, _since_day(days)),
         )
         return [DayRouteCharge(r[0], r[1], int(r[2])) for r in rows]
-
-    async def ledger_lines(
-        self, account_id: int, before_id: int | None, limit: int
-    ) -> list[LedgerLine]:
-        """A page of the ledger, newest first, each charge with its request's details."""
-        rows = await self._all(
-            "SELECT l.id, l.public_id, l.amount, l.balance_after, l.kind, l.request_id, "
-            "l.idempotency_key, l.description, l.created_at, r.route, r.upstream_model, "
-            "r.input_tokens, r.output_tokens, r.multiplier, r.estimated, r.outcome "
-            "FROM ledger l LEFT JOIN requests r ON r.request_id = l.request_id AND l.kind = 'charge' "
-            "WHERE l.account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
-            (account_id, before_id if before_id is not None else 2**62, limit),
-        )
-        lines = []
-        for r in rows:
-            values = list(r)
-            values[14] = bool(values[14]) if values[14] is not None else None
-            lines.append(LedgerLine(*values))
-        return lines
 
     async def search_users(self, developer_id: int, text: str, limit: int = 200) -> list[Account]:
         """App users whose external id contains text."""
