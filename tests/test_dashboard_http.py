@@ -293,7 +293,7 @@ async def test_usage_api_and_csv_export_agree(gateway: GatewayHarness) -> None:
     browser = await login(gateway, "acme", "a@example.com")
     http = gateway.http()
     auth = {"authorization": f"Bearer {key}"}
-    for group in ("day", "route", "key", "user"):
+    for group in ("day", "route", "key", "user", "session"):
         api = await http.get("/v1/usage", params={"group_by": group, "format": "csv"}, headers=auth)
         page = await browser.get("/usage.csv", params={"group_by": group, "days": "30"})
         assert api.status_code == page.status_code == 200
