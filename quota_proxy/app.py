@@ -62,9 +62,8 @@ class Gateway:
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
-        self.metering = inference = MeteringMiddleware(
-            UpstreamProxy(self.http_client), self.store, settings, routes, self.keeper
-        )
+        proxy = UpstreamProxy(self.http_client)
+        self.metering = inference = MeteringMiddleware(proxy, self.store, settings, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
@@ -89,7 +88,9 @@ class Gateway:
             "chat/completions": {"POST": funding.user_completion},
         }
         self._app: ASGIApp = RequestContextMiddleware(
-            mount_dashboard(AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services),
+            mount_dashboard(
+                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
+            ),
             observers=(metrics.observe,),
         )
 

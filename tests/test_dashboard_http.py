@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from quota_proxy.dashboard.invites import invite
@@ -321,3 +322,23 @@ async def test_cli_invites_and_revokes_sessions(gateway: GatewayHarness) -> None
     revoked = gateway.cli("dashboard", "sessions", "revoke", "--email", "a@example.com")
     assert "revoked 1 session" in revoked.stdout
     assert (await browser.get("/")).status_code == 303
+
+
+async def test_operations_page_shows_upstream_failures_and_cooldowns(make_gateway: Any) -> None:
+    gateway: GatewayHarness = await make_gateway(routes="\n".join([
+        '[routes."quota/fallback"]', 'upstreams = ["down", "fake"]', 'model = "fake-fast"',
+        "multiplier = 1", "max_output_tokens = 64",
+    ]))
+    await gateway.account("acme")
+    await gateway.account("ops", 0)
+    client = gateway.openai(await gateway.key("acme"))
+    reply = await client.chat.completions.create(model="quota/fallback",
+                                                 messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.create(model="quota/down", messages=[{"role": "user", "content": "hi"}])
+    op = await login(gateway, "ops", "op@example.com", role="operator")
+    page = (await op.get("/accounts/operations")).text
+    assert re.search(r"down \(cooling down, \d+ s left\) → fake", page), page
+    row = re.search(r'<th scope="row">quota/down</th>.*?</tr>', page, re.S)
+    assert row is not None and "1 × upstream error" in row.group(0)

@@ -19,7 +19,16 @@ from quota_proxy.api.common import Services
 from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send
 from quota_proxy.dashboard import developer, operator, signin, users
 from quota_proxy.dashboard.security import SECURITY_HEADERS
-from quota_proxy.dashboard.web import Dashboard, PageError, SignInRequired, number, redirect, render, when
+from quota_proxy.dashboard.web import (
+    Cooldowns,
+    Dashboard,
+    PageError,
+    SignInRequired,
+    number,
+    redirect,
+    render,
+    when,
+)
 
 __all__ = ["create_dashboard", "mount_dashboard"]
 
@@ -51,7 +60,7 @@ async def _sign_in(request: Request, exc: Exception) -> Response:
     return redirect(dash, "signin")
 
 
-def create_dashboard(services: Services) -> Starlette:
+def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlette:
     prefix = services.settings.dashboard.path
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("quota_proxy.dashboard", "templates"),
@@ -100,7 +109,7 @@ def create_dashboard(services: Services) -> Starlette:
             HTTPException: _http_error,
         },
     )
-    app.state.dashboard = Dashboard(services, env, prefix)
+    app.state.dashboard = Dashboard(services, env, prefix, cooldowns)
     return app
 
 
@@ -138,9 +147,12 @@ class _PrefixDispatch:
         await self.gateway(scope, receive, send)
 
 
-def mount_dashboard(gateway: ASGIApp, services: Services) -> ASGIApp:
-    """The gateway with the dashboard in front of it, or the gateway alone when disabled."""
+def mount_dashboard(gateway: ASGIApp, services: Services, cooldowns: Cooldowns = dict) -> ASGIApp:
+    """The gateway with the dashboard in front of it, or the gateway alone when disabled.
+
+    cooldowns tells the operator's page which upstreams are cooling down after a failure."""
     settings = services.settings.dashboard
     if not settings.enabled:
         return gateway
-    return _PrefixDispatch(gateway, _SecurityHeaders(create_dashboard(services)), settings.path)
+    dashboard = _SecurityHeaders(create_dashboard(services, cooldowns))
+    return _PrefixDispatch(gateway, dashboard, settings.path)

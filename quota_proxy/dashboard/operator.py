@@ -106,7 +106,7 @@ async def operations(request: Request) -> Response:
         problems=await store.verify_ledger(), account_count=await store.account_count(),
         holds=await store.open_hold_list(), keys=await store.list_keys(),
         errors=await store.upstream_errors(int(time.time() * 1000) - HEALTH_WINDOW_MS),
-        routes=list(routes.values()),
+        routes=list(routes.values()), cooling=ctx.dash.cooldowns(),
     )
 
 

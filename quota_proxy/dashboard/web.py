@@ -4,6 +4,7 @@ rendering, and the errors a page answers with."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +37,10 @@ class SignInRequired(Exception):
     """No live session: send the browser to the sign-in page."""
 
 
+# Upstream name -> seconds of cooldown left, as this process sees it.
+Cooldowns = Callable[[], dict[str, float]]
+
+
 @dataclass
 class Dashboard:
     """The state the pages share; lives on the Starlette app as app.state.dashboard."""
@@ -43,6 +48,7 @@ class Dashboard:
     services: Services
     env: jinja2.Environment
     prefix: str
+    cooldowns: Cooldowns = dict
 
     @property
     def store(self) -> SqliteStore:
