@@ -134,6 +134,13 @@ def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--account", required=True)
     p.add_argument("--email", required=True)
     p.add_argument("--role", choices=["developer", "operator"], default="developer")
+    logins = cmd("logins", "people who can sign in to the dashboard", dashboard).add_subparsers(
+        dest="login_action", required=True, metavar="ACTION"
+    )
+    cmd("list", "logins with their account and role", logins)
+    p = cmd("disable", "stop a login from signing in and end its sessions (a new invitation enables it)",
+            logins)
+    p.add_argument("email", metavar="EMAIL")
     sessions = cmd("sessions", "signed-in dashboard sessions", dashboard).add_subparsers(
         dest="session_action", required=True, metavar="ACTION"
     )
@@ -420,6 +427,20 @@ async def _dashboard_invite(args: argparse.Namespace, s: Settings, store: Sqlite
         f"{d['link']}\n# one-time link for {d['email']} ({d['role']} of {d['account']}), "
         f"valid until {d['expires_at']}: send it to them, it is not shown again\n"
     )
+
+
+@_handles("dashboard", "logins")
+async def _dashboard_logins(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    if args.login_action == "disable":
+        if not await store.disable_login(args.email):
+            raise admin.AdminError(f"no dashboard login for {args.email!r}")
+        return {"disabled": args.email.lower()}, lambda d: f"disabled {d['disabled']}; its sessions ended\n"
+    data = [
+        {"email": x.email, "account": x.account_name, "role": x.role.value,
+         "created_at": iso_time(x.created_at), "disabled_at": iso_time(x.disabled_at)}
+        for x in await store.list_logins()
+    ]
+    return data, lambda d: _table(d, ["email", "account", "role", "created_at", "disabled_at"])
 
 
 @_handles("dashboard", "sessions")

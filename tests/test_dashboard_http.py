@@ -322,6 +322,11 @@ async def test_cli_invites_and_revokes_sessions(gateway: GatewayHarness) -> None
     revoked = gateway.cli("dashboard", "sessions", "revoke", "--email", "a@example.com")
     assert "revoked 1 session" in revoked.stdout
     assert (await browser.get("/")).status_code == 303
+    assert (await browser.signin("a@example.com")).status_code == 303
+    gateway.cli("dashboard", "logins", "disable", "A@example.com")
+    assert (await browser.get("/")).status_code == 303
+    assert (await browser.signin("a@example.com")).status_code == 401
+    assert '"disabled_at": "20' in gateway.cli("dashboard", "logins", "list", "--json").stdout
 
 
 async def test_operations_page_shows_upstream_failures_and_cooldowns(make_gateway: Any) -> None:

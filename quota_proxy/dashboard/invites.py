@@ -7,6 +7,7 @@ only as a digest; it works once, until it expires.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ def server_url(settings: Settings) -> str:
     if settings.server.public_url:
         return settings.server.public_url
     host = settings.server.host
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: name this machine
+        host = socket.getfqdn()
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.server.port}"
 

@@ -176,6 +176,24 @@ class DashboardQueries:
         )
         return [_login(r) for r in rows]
 
+    async def disable_login(self, email: str) -> bool:
+        """Stop a login from signing in and end its sessions; a new invitation enables it again."""
+        now = _now_ms()
+        async with self._durable_tx() as tx:
+            rows = list(
+                await tx.execute_fetchall(
+                    "UPDATE dashboard_logins SET disabled_at = coalesce(disabled_at, ?) WHERE email = ? "
+                    "RETURNING id",
+                    (now, email.lower()),
+                )
+            )
+            if rows:
+                await tx.execute(
+                    "UPDATE dashboard_sessions SET revoked_at = ? WHERE login_id = ? AND revoked_at IS NULL",
+                    (now, rows[0][0]),
+                )
+        return bool(rows)
+
     # -- sessions ------------------------------------------------------------------------
 
     async def create_session(
