@@ -32,7 +32,11 @@ from quota_proxy.dashboard.web import (
 
 __all__ = ["create_dashboard", "mount_dashboard"]
 
-STATIC_FILES = {"style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
+STATIC_FILES = {
+    "style.css": "text/css; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "icon.svg": "image/svg+xml",
+}
 
 
 def _static_route(name: str, media_type: str) -> Route:
