@@ -66,8 +66,12 @@ async def _sign_in(request: Request, exc: Exception) -> Response:
 
 def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlette:
     prefix = services.settings.dashboard.path
+    # Read through importlib.resources, so templates load the same from a wheel, a source tree
+    # or the single executable.
+    folder = resources.files("quota_proxy.dashboard").joinpath("templates")
+    templates = {t.name: t.read_text(encoding="utf-8") for t in folder.iterdir() if t.name.endswith(".html")}
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("quota_proxy.dashboard", "templates"),
+        loader=jinja2.DictLoader(templates),
         autoescape=True,
         trim_blocks=True,
         lstrip_blocks=True,
