@@ -33,8 +33,12 @@ Endpoint = Callable[[dict[str, Any], "_Plan"], "bytes | Events"]
 WORDS = ("hello", "world", "this", "is", "a", "fake", "reply", "from", "the", "test")
 MODELS = ("fake-chat", "fake-embedding")
 HUGE_WORDS = 1_200_000
+HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n"
 FAIL_MODES = frozenset(
-    {"malformed", "empty", "reset_mid_stream", "stall_after_headers", "malformed_sse", "no_usage", "huge"}
+    {
+        "malformed", "empty", "reset_mid_stream", "stall_after_headers", "malformed_sse", "no_usage", "huge",
+        "html",  # a 200 HTML page, as a misconfigured reverse proxy in between sends
+    }
 )
 _DONE = b"data: [DONE]\n\n"
 _JSON = (b"content-type", b"application/json")
@@ -295,6 +299,9 @@ class FakeUpstream:
         if status is not None:
             extra = [(b"retry-after", b"1")] if status == 429 else None
             await send_bytes(send, status, _error(status), extra)
+            return
+        if plan.fail == "html":
+            await send_bytes(send, 200, HTML_PAGE, content_type=b"text/html; charset=utf-8")
             return
         result = endpoint(body, plan)
         if isinstance(result, bytes):
