@@ -214,5 +214,6 @@ def app_from_environment() -> Any:
     single-process gateway reloads it on SIGHUP (with workers, uvicorn's supervisor turns
     SIGHUP into a rolling restart of the workers)."""
     settings = load_settings(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
-    configure_logging(os.environ.get("QUOTA_PROXY_LOG_LEVEL", "info"), settings.server.log_format)
+    log_level = os.environ.get("QUOTA_PROXY_LOG_LEVEL") or settings.server.log_level  # serve's --log-level
+    configure_logging(log_level, settings.server.log_format)
     return Gateway(settings, reload_on_sighup=True)

@@ -10,13 +10,21 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from quota_proxy import admin
-from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
+from quota_proxy.config import (
+    LOG_LEVELS,
+    ConfigError,
+    Limits,
+    Settings,
+    default_config_path,
+    load_settings,
+)
 from quota_proxy.store import SqliteStore, StoreError
 
 EXIT_ERROR = 1
@@ -39,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return parser
 
-    p = cmd("serve", "run the gateway")
+    p = cmd("serve", "run the gateway; each flag overrides the [server] setting of the same name")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=_positive)
+    p.add_argument("--log-level", choices=LOG_LEVELS)
 
     p = cmd("demo", "run the gateway on a temporary store with a built-in demo upstream")
     p.add_argument("--host", default="127.0.0.1")
@@ -158,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         from quota_proxy.serve import serve
 
-        serve(settings, config_path, host=args.host, port=args.port, workers=args.workers,
-              log_level=args.log_level)
+        flags = {name: getattr(args, name) for name in ("host", "port", "workers", "log_level")}
+        server = replace(settings.server, **{k: v for k, v in flags.items() if v is not None})
+        serve(replace(settings, server=server), config_path)
         return
     if args.command == "config":
         _print(as_json, _config_view(settings), _config_table)

@@ -19,6 +19,7 @@ from quota_proxy.money import Money, Multiplier, parse_decimal
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
 OVERDRAFT_MODES = ("cap", "refuse")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
@@ -33,6 +34,11 @@ class ServerSettings:
     port: int = 8080
     max_body_bytes: int = 20_971_520
     graceful_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 131_072
+    max_connections: int = 2048
+    workers: int = 1
+    log_level: str = "info"
     metrics_token_env: str | None = None
     metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "auto"
@@ -154,7 +160,8 @@ def parse_settings(
     v.only_keys(
         "server",
         srv,
-        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format"},
+        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format",
+         "header_timeout_s", "max_header_bytes", "max_connections", "workers", "log_level"},
     )
     metrics_env = srv.get("metrics_token_env")
     metrics_token = None
@@ -174,6 +181,11 @@ def parse_settings(
         graceful_timeout_s=v.number(
             "server.graceful_timeout_s", srv.get("graceful_timeout_s", 30), positive=True
         ),
+        header_timeout_s=v.number("server.header_timeout_s", srv.get("header_timeout_s", 10), positive=True),
+        max_header_bytes=v.integer("server.max_header_bytes", srv.get("max_header_bytes", 131_072), 1024),
+        max_connections=v.integer("server.max_connections", srv.get("max_connections", 2048), 1),
+        workers=v.integer("server.workers", srv.get("workers", 1), 1),
+        log_level=v.string("server.log_level", srv.get("log_level", "info")),
         metrics_token_env=metrics_env,
         metrics_token=metrics_token,
         log_format=log_format,

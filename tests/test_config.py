@@ -207,7 +207,8 @@ async def test_the_example_config_passes_config_check(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOSTED_LLM_KEY": "test-key"},
+        # PYTHONPATH: the checkout, when the package is not installed (a no-op when it is)
+        env={"PATH": "/usr/bin:/bin", "HOSTED_LLM_KEY": "test-key", "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr
     data = orjson.loads(result.stdout)
