@@ -23,7 +23,7 @@ from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
+from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
 from quota_proxy.http_client import UpstreamClient
@@ -52,16 +52,16 @@ class Gateway:
         http_client: UpstreamClient | None = None,
         reload_on_sighup: bool = False,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings(settings)
         self.reload_on_sighup = reload_on_sighup
         self.store = store or SqliteStore(settings.store.path)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
         self.owner = f"{os.getpid()}-{os.urandom(4).hex()}"
-        self.routes = routes = RouteTable(settings.routes)
+        self.routes = routes = RouteTable(self.live)
         keys = KeyCache(self.store)
         metrics = Metrics()
-        self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
+        self.services = Services(self.live, self.store, routes, keys, metrics)
         self.metering = inference = MeteringMiddleware(
             UpstreamProxy(self.http_client), self.store, settings, routes, self.owner
         )
@@ -90,6 +90,10 @@ class Gateway:
         self._app: ASGIApp = RequestContextMiddleware(
             AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
         )
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -136,11 +140,8 @@ class Gateway:
             return False
         if new.store.path != self.settings.store.path:
             logger.warning("reload: store.path changed; it takes effect at the next restart")
-        self.settings = new
-        self.routes.replace(new.routes)
-        self.services.settings = new
-        self.services.money = new.money
-        self.metering.configure(new)
+        self.live.current = new
+        self.metering.configure(new)  # metering still caches three values; see LiveSettings
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),

@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVE_FLAGS = ("host", "port", "workers", "log_level")
+
+
+def with_serve_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """`serve --NAME` overrides the [server] setting of the same name (uvicorn's pattern)."""
+    given = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name, None) is not None}
+    return replace(settings, server=replace(settings.server, **given))
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -166,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         from quota_proxy.serve import serve
 
-        flags = {name: getattr(args, name) for name in ("host", "port", "workers", "log_level")}
-        server = replace(settings.server, **{k: v for k, v in flags.items() if v is not None})
-        serve(replace(settings, server=server), config_path)
+        serve(with_serve_flags(settings, args), config_path)
         return
     if args.command == "config":
         _print(as_json, _config_view(settings), _config_table)

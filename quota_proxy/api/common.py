@@ -11,7 +11,7 @@ import orjson
 
 from quota_proxy.asgi import Receive, Scope, read_body
 from quota_proxy.auth import KeyCache
-from quota_proxy.config import Settings
+from quota_proxy.config import LiveSettings, Settings
 from quota_proxy.errors import BadRequest, PermissionDenied
 from quota_proxy.keys import KIND_SECRET
 from quota_proxy.metrics import Metrics
@@ -24,12 +24,19 @@ EXTERNAL_USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 @dataclass(slots=True)
 class Services:
-    settings: Settings
+    live: LiveSettings
     store: SqliteStore
     routes: RouteTable
-    money: Money
     keys: KeyCache
     metrics: Metrics
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
+
+    @property
+    def money(self) -> Money:
+        return self.live.current.money
 
 
 async def json_object(scope: Scope, receive: Receive, limit: int) -> dict[str, Any]:
