@@ -8,12 +8,15 @@ import socket
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import orjson
 import pytest
+import uvicorn
 
+from quota_proxy.http_protocol import GatewayConfig
 from tests.serving import parse_response, raw_exchange, serving
 
 pytestmark = pytest.mark.anyio
@@ -174,3 +177,27 @@ async def test_a_kept_alive_connection_gets_the_header_deadline_per_request(tmp_
     assert_spec_error(raw, 408, "request_timeout")
     assert HEADER_TIMEOUT_S - 0.05 <= waited < HEADER_TIMEOUT_S + 1.0, waited
 
+
+
+async def test_an_error_escaping_the_app_is_a_json_500() -> None:
+    """The gateway's own middleware answers its errors; an exception that escapes any app
+    served by GatewayProtocol is still answered in JSON, not uvicorn's text/plain 500."""
+
+    async def broken(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise RuntimeError("boom")
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = GatewayConfig(broken, lifespan="off", log_config=None, log_level="critical", loop="none")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        while not server.started:
+            await anyio.sleep(0.01)
+        raw = await anyio.to_thread.run_sync(
+            raw_exchange, sock.getsockname()[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        server.should_exit = True
+    sock.close()
+    assert_spec_error(raw, 500, "internal_error")
