@@ -142,6 +142,9 @@ class GatewayProtocol(HttpToolsProtocol):
         self.header_timer = None
         if self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_header_timer()  # a pipelined request waits for the response before it anyway
+            return
         if self.header_bytes:
             logger.debug("closing a connection whose request headers took over %ss", self.header_timeout_s)
             self._refuse(RequestTimeout(f"The request headers did not arrive within {self.header_timeout_s:g} s."))
@@ -185,6 +188,22 @@ class GatewayProtocol(HttpToolsProtocol):
     def _refuse(self, error: QuotaError) -> None:
         """Answer before (or instead of) the app, then close: the rest of what the client
         sent cannot be trusted to frame a next request."""
+        self._cancel_header_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started and not cycle.more_body and not self.pipeline:
+                # The next request went wrong while this response is being written: it gets
+                # no answer; this one finishes, then the connection closes.
+                cycle.keep_alive = False
+                self.lingering = True
+                return
+            if cycle.response_started or self.pipeline:
+                self.transport.close()  # in the middle of a response there is no room for an answer
+                return
+            # The app's request is void (its body was malformed): it now reads a disconnect,
+            # and whatever it sends is dropped, as for a client that left.
+            cycle.disconnected = True
+            cycle.message_event.set()
         body = error.json_bytes()
         head = [STATUS_LINE[error.status]]
         headers = [
@@ -197,7 +216,6 @@ class GatewayProtocol(HttpToolsProtocol):
         for name, value in headers:
             head.extend([name, b": ", value, b"\r\n"])
         head.extend([b"\r\n", body])
-        self._cancel_header_timer()
         self.transport.write(b"".join(head))
         if not self.transport.can_write_eof():
             self.transport.close()

@@ -201,3 +201,28 @@ async def test_an_error_escaping_the_app_is_a_json_500() -> None:
         server.should_exit = True
     sock.close()
     assert_spec_error(raw, 500, "internal_error")
+
+
+async def test_garbage_after_a_request_lets_its_stream_finish(tmp_path: Path) -> None:
+    """Bytes that cannot be parsed arrive while a stream is being written on the same
+    connection: the stream finishes intact, then the connection closes (no error written
+    into the middle of it)."""
+    async with serving(tmp_path) as served:
+        body = orjson.dumps({"model": "quota/fast", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                             "fake": {"chunk_delay_s": 0.05, "reply_words": 10}})
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Authorization: Bearer " + served.key.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+        def exchange() -> bytes:  # in a thread: the fake upstream runs in this event loop
+            with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+                s.sendall(request)
+                received = s.recv(65536)
+                assert received.startswith(b"HTTP/1.1 200"), received
+                s.sendall(b"GARBAGE\r\n\r\n")
+                while chunk := s.recv(65536):
+                    received += chunk
+                return received
+
+        received = await anyio.to_thread.run_sync(exchange)
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), received[-200:]
+    assert b"bad_request" not in received
