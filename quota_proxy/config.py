@@ -1,5 +1,10 @@
 """Settings as frozen dataclasses read from one TOML file.
 
+Each setting is written once, as a dataclass field: its name is the TOML key, its annotation
+the type checked, its default the default, and an `Annotated[..., Rule(...)]` any further
+limit; a field without a default is required. The loader adds only what ties keys together
+(route -> upstream names, secrets from the environment, paths relative to the file).
+
 Validation collects every problem, each named by its key path
 (`routes."quota/opus".multiplier: must be > 0`), so an operator fixes the file in one go.
 """
