@@ -47,6 +47,7 @@ class Rule:
     high: int | None = None  # integers: at most this
     positive: bool = False  # numbers: > 0
     choices: tuple[str, ...] = ()  # strings: one of these
+    url: bool = False  # strings: an http(s) URL, kept without its trailing "/"
     in_file: bool = True  # False: not a key of the file; the loader fills it in
 
 
@@ -92,7 +93,7 @@ class FundingSettings:
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: Annotated[str, NOT_IN_FILE]
-    base_url: str
+    base_url: Annotated[str, Rule(url=True)]
     api_key_env: str | None = None
     api_key: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
     timeout_s: Annotated[float, Rule(positive=True)] = 600.0
@@ -215,9 +216,6 @@ def parse_settings(
     for name, table in v.table("upstreams", raw.get("upstreams")).items():
         p = f"upstreams.{_quote(name)}"
         fields = v.read(p, table, Upstream)
-        fields["base_url"] = base_url = fields["base_url"].rstrip("/")
-        if base_url and not base_url.startswith(("http://", "https://")):
-            v.problem(f"{p}.base_url", "must start with http:// or https://")
         key_env = fields["api_key_env"]
         if key_env is not None:
             fields["api_key"] = env.get(key_env) or None
@@ -390,15 +388,28 @@ class _Validator:
             return self.number(path, value, positive=rule.positive)
         if kind is Decimal:
             return self.decimal(path, value)
+        if kind is Fraction:
+            return Fraction(self.decimal(path, value))
         if kind is Multiplier:
             try:
                 return Multiplier.parse(value)
             except ValueError as exc:
                 self.problem(path, str(exc))
                 return _PLACEHOLDERS[Multiplier]
+        if get_origin(kind) is tuple:  # tuple[str, ...]: an array of strings
+            if not isinstance(value, list) or not all(isinstance(s, str) and s.strip() for s in value):
+                self.problem(path, "must be an array of non-empty strings")
+                return ()
+            return tuple(value)
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):  # a table of its own: [section.name]
+            return kind(**self.read(path, value, kind))
         text = self.string(path, value, required=f.default is MISSING)
         if rule.choices and text not in rule.choices:
             self.problem(path, f"must be {_choices(rule.choices)}")
+        if rule.url:
+            text = text.rstrip("/")
+            if text and not text.startswith(("http://", "https://")):
+                self.problem(path, "must start with http:// or https://")
         return Path(text) if kind is Path else text
 
     def only_keys(self, path: str, table: Mapping[str, Any], allowed: set[str]) -> None:

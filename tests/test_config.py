@@ -6,16 +6,25 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import Annotated, get_args, get_type_hints
 
 import orjson
 import pytest
 
 from quota_proxy import ConfigError, create_app, load_settings
 from quota_proxy.cli import SERVE_FLAGS, build_parser, with_serve_flags
-from quota_proxy.config import BillingSettings, FundingSettings, ServerSettings, StoreSettings
+from quota_proxy.config import (
+    BillingSettings,
+    FundingSettings,
+    Rule,
+    ServerSettings,
+    StoreSettings,
+    _Validator,
+)
 from tests.conftest import closed_port, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -310,3 +319,33 @@ async def test_reload_swaps_one_holder_that_every_reader_sees(tmp_path: Path) ->
     config.write_text(VALID.replace("multiplier = 8", "multiplier = 0"))
     assert not app.reload()
     assert app.live.current is after  # a bad file changes nothing
+
+
+@dataclass(frozen=True, slots=True)
+class _Weights:
+    cache_read: Fraction = Fraction(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """A section with the other kinds of field the reader knows, for the settings to come."""
+
+    names: tuple[str, ...] = ()
+    link: Annotated[str | None, Rule(url=True)] = None
+    weights: _Weights = _Weights()
+    mode: Annotated[str, Rule(choices=("a", "b"))] = "a"
+
+
+def test_the_reader_knows_arrays_urls_fractions_and_nested_tables() -> None:
+    v = _Validator()
+    fields = v.read("x", {"names": ["m-*", "n"], "link": "https://h/p/", "weights": {"cache_read": 0.1}}, _Section)
+    assert v.problems == []
+    assert _Section(**fields) == _Section(("m-*", "n"), "https://h/p", _Weights(Fraction(1, 10)), "a")
+    v.read("x", {"names": ["", 3], "link": "ftp://h", "weights": {"cache_read": -1, "other": 1}, "mode": "c"}, _Section)
+    assert v.problems == [
+        "x.names: must be an array of non-empty strings",
+        "x.link: must start with http:// or https://",
+        "x.weights.other: unknown key (expected one of: cache_read)",
+        "x.weights.cache_read: must be >= 0",
+        'x.mode: must be "a" or "b"',
+    ]
