@@ -30,9 +30,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from quota_proxy.asgi import Receive, Scope, Send
-from quota_proxy.context import REQUEST_ID_HEADER, new_request_id
+from quota_proxy.asgi import Receive, Scope, Send, send_error
+from quota_proxy.context import REQUEST_ID_HEADER
 from quota_proxy.errors import BadRequest, QuotaError
+from quota_proxy.state import new_request_id
 
 logger = logging.getLogger("quota_proxy.server")
 
@@ -233,7 +234,7 @@ class GatewayProtocol(HttpToolsProtocol):
             busy = Overloaded()
             busy.headers = [(b"connection", b"close"), (b"retry-after", b"1"),
                             (REQUEST_ID_HEADER, new_request_id().encode())]
-            await busy.send(scope, receive, send)
+            await send_error(send, busy)
             return
         try:
             await self.inner_app(scope, receive, send)
@@ -244,4 +245,4 @@ class GatewayProtocol(HttpToolsProtocol):
             logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             error = QuotaError()
             error.headers = [(b"connection", b"close"), (REQUEST_ID_HEADER, new_request_id().encode())]
-            await error.send(scope, receive, send)
+            await send_error(send, error)
