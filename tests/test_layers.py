@@ -35,11 +35,12 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
     ),
     # Settings, the store, ASGI plumbing and the JSON shapes of records.
     ("core", frozenset({"config", "asgi", "views", "state", "store", "store.sqlite"})),
-    # One job each on the request path, and the fake upstream the demo serves.
+    # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
-            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream"}
+            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
+             "http_protocol"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
