@@ -140,7 +140,7 @@ def test_chart_stacks_routes_per_day_and_escapes_names() -> None:
 def test_dashboard_config_is_validated() -> None:
     default = parse_settings({})
     assert default.dashboard == DashboardSettings() and default.server.public_url is None
-    custom = parse_settings({"dashboard": {"path": "/ui/", "secure_cookies": True},
+    custom = parse_settings({"dashboard": {"path": "/ui/", "secure_cookies": "always"},
                              "server": {"public_url": "https://llm.example.com/"}})
     assert custom.dashboard.path == "/ui" and custom.dashboard.secure_cookies == "always"
     assert custom.server.public_url == "https://llm.example.com"

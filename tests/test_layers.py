@@ -38,11 +38,12 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "core",
         frozenset({"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite"}),
     ),
-    # One job each on the request path, and the fake upstream the demo serves.
+    # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
-            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream"}
+            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
+             "http_protocol"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
