@@ -57,13 +57,13 @@ class Gateway:
         self.store = store or SqliteStore(settings.store.path)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
-        self.keeper = HoldKeeper(self.store, settings.billing.hold_ttl_s)
+        self.keeper = HoldKeeper(self.store, self.live)
         self.routes = routes = RouteTable(self.live)
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(self.live, self.store, routes, keys, metrics)
         proxy = UpstreamProxy(self.http_client)
-        self.metering = inference = MeteringMiddleware(proxy, self.store, settings, routes, self.keeper)
+        self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
@@ -144,8 +144,6 @@ class Gateway:
         if new.store.path != self.settings.store.path:
             logger.warning("reload: store.path changed; it takes effect at the next restart")
         self.live.current = new
-        self.metering.configure(new)  # metering still caches three values; see LiveSettings
-        self.keeper.hold_ttl_s = new.billing.hold_ttl_s
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),
