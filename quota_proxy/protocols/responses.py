@@ -1,0 +1,410 @@
+"""OpenAI Responses <-> Chat Completions.
+
+Translated: ``instructions``, ``input`` as a string or as items (messages with
+``input_text``/``output_text``/``input_image`` parts, ``function_call`` and
+``function_call_output`` items — the full-transcript style Codex sends with
+``store: false``), function tools and ``tool_choice``, ``max_output_tokens``,
+temperature/top_p, ``parallel_tool_calls``, ``user``, ``text.format`` (JSON schema / JSON
+object), and the stream (``response.created`` … ``response.output_text.delta`` /
+``response.function_call_arguments.delta`` … ``response.completed`` or
+``response.incomplete``, with no ``[DONE]``).
+
+Not translated, refused with a 400 naming it: ``previous_response_id``, ``conversation``
+and ``item_reference`` items (they need state stored by a Responses server),
+``background``, built-in and custom tools (any tool whose type is not ``function``),
+``input_file`` parts and images given by ``file_id``, and tool-call items other than
+``function_call`` (e.g. ``local_shell_call``, ``custom_tool_call``).
+Dropped: ``reasoning`` input items and the ``reasoning`` option, ``store``, ``include``,
+``metadata``, ``truncation``, ``prompt_cache_key``, ``service_tier`` — a Chat server has no
+use for them and the reply is valid without them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quota_proxy.errors import BadRequest
+from quota_proxy.protocols.chat import ChatStreamReader, ToolCall, new_id, read_reply, sse, text_of
+from quota_proxy.usage import Buckets
+
+_STATEFUL = ("previous_response_id", "conversation")
+
+
+def _refuse(what: str) -> BadRequest:
+    return BadRequest(
+        f"{what} cannot be translated for this route's upstream, which speaks Chat Completions "
+        "and stores no responses. Send the whole conversation in 'input', or use a route whose "
+        "upstream speaks the Responses API.",
+    )
+
+
+def to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as a Chat Completions request."""
+    for name in _STATEFUL:
+        if body.get(name) is not None:
+            raise _refuse(f"'{name}'")
+    if body.get("background") is True:
+        raise _refuse("'background': true")
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    raw = body.get("input")
+    if isinstance(raw, str):
+        messages.append({"role": "user", "content": raw})
+    elif isinstance(raw, list) and raw:
+        for item in raw:
+            _item(item, messages)
+    else:
+        raise BadRequest("'input' must be a non-empty string or array of items.", param="input")
+    if not messages:
+        raise BadRequest("'input' holds nothing to send.", param="input")
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        chat["tools"] = [_tool(t) for t in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        chat["tool_choice"] = {"type": "function", "function": {"name": str(choice.get("name"))}}
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_schema":
+            schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+            chat["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif fmt.get("type") == "json_object":
+            chat["response_format"] = {"type": "json_object"}
+    if body.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def _item(item: Any, messages: list[dict[str, Any]]) -> None:
+    if not isinstance(item, dict):
+        raise BadRequest("Each input item must be an object.", param="input")
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise BadRequest(
+                "An input message's role must be user, assistant, system or developer.", param="input"
+            )
+        content = _content(item.get("content"), role)
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
+    elif kind == "function_call":
+        call = {
+            "id": str(item.get("call_id")),
+            "type": "function",
+            "function": {"name": str(item.get("name")), "arguments": str(item.get("arguments") or "")},
+        }
+        last = messages[-1] if messages else None
+        if (
+            last is not None
+            and last["role"] == "assistant"
+            and isinstance(last.get("content"), (str, type(None)))
+        ):
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        messages.append(
+            {"role": "tool", "tool_call_id": str(item.get("call_id")), "content": text_of(output)}
+        )
+    elif kind == "reasoning":
+        return
+    else:
+        raise _refuse(f"An input item of type {kind!r}")
+
+
+def _content(content: Any, role: str) -> Any:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest("A message's content must be a string or an array of parts.", param="input")
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": str(part.get("refusal", ""))})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            image: dict[str, Any] = {"url": part["image_url"]}
+            if part.get("detail") in ("low", "high", "auto"):
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise _refuse(f"A {kind!r} content part")
+    if role != "user" or all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts if p["type"] == "text")
+    return parts
+
+
+def _tool(tool: Any) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise BadRequest("Each tool must be an object.", param="tools")
+    if tool.get("type") != "function":
+        raise _refuse(f"The {tool.get('type')!r} tool")
+    fn: dict[str, Any] = {
+        "name": str(tool.get("name")),
+        "parameters": tool.get("parameters") or {"type": "object"},
+    }
+    if isinstance(tool.get("description"), str):
+        fn["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        fn["strict"] = tool["strict"]
+    return {"type": "function", "function": fn}
+
+
+def usage_object(b: Buckets) -> dict[str, Any]:
+    """Buckets in the Responses field style: input includes cached, output includes reasoning."""
+    return {
+        "input_tokens": b.input_total,
+        "input_tokens_details": {
+            "cached_tokens": b.cache_read,
+            "cache_write_tokens": b.cache_write_5m + b.cache_write_1h,
+        },
+        "output_tokens": b.output,
+        "output_tokens_details": {"reasoning_tokens": b.reasoning},
+        "total_tokens": b.total,
+    }
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
+    }
+
+
+def _response(
+    request: dict[str, Any],
+    model: str,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: Buckets | None,
+    response_id: str | None = None,
+) -> dict[str, Any]:
+    """A response object, echoing the request's settings as a Responses server does."""
+    tools = request.get("tools") if isinstance(request.get("tools"), list) else []
+    return {
+        "id": response_id or new_id("resp_"),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+        "previous_response_id": None,
+        "store": request.get("store", True),
+        "temperature": request.get("temperature"),
+        "text": request.get("text") or {"format": {"type": "text"}},
+        "tool_choice": request.get("tool_choice", "auto"),
+        "tools": tools,
+        "top_p": request.get("top_p"),
+        "truncation": "disabled",
+        "usage": usage_object(usage) if usage is not None else None,
+        "metadata": request.get("metadata") or {},
+    }
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def from_chat_response(
+    obj: dict[str, Any], request: dict[str, Any], usage: Buckets | None = None
+) -> dict[str, Any]:
+    """A whole chat completion as a Responses object."""
+    reply = read_reply(obj)
+    output: list[dict[str, Any]] = []
+    if reply.text:
+        output.append(_message_item(new_id("msg_"), reply.text, "completed"))
+    for call in reply.tool_calls:
+        output.append(_call_item(new_id("fc_"), call, "completed"))
+    return _response(
+        request, reply.model, _status(reply.finish_reason), output, usage or reply.usage or Buckets()
+    )
+
+
+class StreamTranslator:
+    """Chat chunks in, Responses SSE events out, each with its ``sequence_number``."""
+
+    def __init__(self, request: dict[str, Any], model: str = "") -> None:
+        self.request = request
+        self.id = new_id("resp_")
+        self.reader = ChatStreamReader()
+        self.model = model
+        self.seq = 0
+        self.started = False
+        self.finished = False
+        self.output: list[tuple[int, dict[str, Any]]] = []  # finished items, by output index
+        self.open_text: tuple[int, str, list[str]] | None = None  # output index, item id, pieces
+        self.calls: dict[int, tuple[int, str, ToolCall]] = {}  # chat index -> (output index, id, call)
+        self.open_calls: list[int] = []
+        self.finish_reason: str | None = None
+        self.usage: Buckets | None = None
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return sse(kind, data)
+
+    def _start(self) -> list[bytes]:
+        if self.started:
+            return []
+        self.started = True
+        response = _response(self.request, self.reader.model or self.model, "in_progress", [], None, self.id)
+        return [
+            self._event("response.created", response=response),
+            self._event("response.in_progress", response=response),
+        ]
+
+    def _next_index(self) -> int:
+        return len(self.output) + (1 if self.open_text else 0) + len(self.open_calls)
+
+    def _close_text(self) -> list[bytes]:
+        if self.open_text is None:
+            return []
+        index, item_id, pieces = self.open_text
+        self.open_text = None
+        text = "".join(pieces)
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = _message_item(item_id, text, "completed")
+        self.output.append((index, item))
+        common = {"item_id": item_id, "output_index": index, "content_index": 0}
+        return [
+            self._event("response.output_text.done", **common, text=text, logprobs=[]),
+            self._event("response.content_part.done", **common, part=part),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def _close_calls(self) -> list[bytes]:
+        out = []
+        for chat_index in self.open_calls:
+            index, item_id, call = self.calls[chat_index]
+            item = _call_item(item_id, call, "completed")
+            self.output.append((index, item))
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item_id,
+                    output_index=index,
+                    arguments=call.arguments,
+                )
+            )
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        self.open_calls = []
+        return out
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        facts = self.reader.read(chunk)
+        out = self._start()
+        if facts.text:
+            if self.open_text is None:
+                out += self._close_calls()
+                index, item_id = self._next_index(), new_id("msg_")
+                self.open_text = (index, item_id, [])
+                item = _message_item(item_id, "", "in_progress")
+                part = {"type": "output_text", "text": "", "annotations": []}
+                out.append(self._event("response.output_item.added", output_index=index, item=item))
+                out.append(
+                    self._event(
+                        "response.content_part.added",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        part=part,
+                    )
+                )
+            index, item_id, pieces = self.open_text
+            pieces.append(facts.text)
+            out.append(
+                self._event(
+                    "response.output_text.delta",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    delta=facts.text,
+                    logprobs=[],
+                )
+            )
+        for chat_index, call, piece in facts.tools:
+            if call is not None:
+                out += self._close_text()
+                index, item_id = self._next_index(), new_id("fc_")
+                self.calls[chat_index] = (index, item_id, call)
+                self.open_calls.append(chat_index)
+                out.append(
+                    self._event(
+                        "response.output_item.added",
+                        output_index=index,
+                        item=_call_item(item_id, call, "in_progress"),
+                    )
+                )
+            if piece and chat_index in self.calls:
+                index, item_id, known = self.calls[chat_index]
+                known.arguments += piece
+                out.append(
+                    self._event(
+                        "response.function_call_arguments.delta",
+                        item_id=item_id,
+                        output_index=index,
+                        delta=piece,
+                    )
+                )
+        if facts.finish_reason is not None:
+            self.finish_reason = facts.finish_reason
+        if facts.usage is not None:
+            self.usage = facts.usage
+        return b"".join(out)
+
+    def finish(self, usage: Buckets | None = None) -> bytes:
+        """The closing events: every open item done, then response.completed or .incomplete."""
+        if self.finished:
+            return b""
+        self.finished = True
+        out = self._start() + self._close_text() + self._close_calls()
+        status = _status(self.finish_reason)
+        items = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
+        model = self.reader.model or self.model
+        response = _response(self.request, model, status, items, usage or self.usage or Buckets(), self.id)
+        out.append(self._event(f"response.{status}", response=response))
+        return b"".join(out)
+
+    def failed(self, code: str, message: str) -> bytes:
+        """A terminal ``response.failed`` for a stream the upstream broke."""
+        if self.finished:
+            return b""
+        self.finished = True
+        out = self._start() + self._close_text() + self._close_calls()
+        items = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
+        response = _response(
+            self.request, self.reader.model or self.model, "failed", items, self.usage, self.id
+        )
+        response["error"] = {"code": code, "message": message}
+        out.append(self._event("response.failed", response=response))
+        return b"".join(out)
