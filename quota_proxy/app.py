@@ -17,11 +17,12 @@ from typing import Any
 
 import anyio
 
+from quota_proxy.agents import AgentApi, anthropic_models
 from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, header
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
@@ -65,6 +66,7 @@ class Gateway:
         self.metering = inference = MeteringMiddleware(
             UpstreamProxy(self.http_client), self.store, settings, routes, self.owner
         )
+        self.agents = agents = AgentApi(self.http_client, self.store, settings, routes, self.owner)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
@@ -72,7 +74,10 @@ class Gateway:
             "/v1/chat/completions": {"POST": inference},
             "/v1/completions": {"POST": inference},
             "/v1/embeddings": {"POST": inference},
-            "/v1/models": {"GET": account.models},
+            "/v1/messages": {"POST": agents.messages},
+            "/v1/messages/count_tokens": {"POST": agents.count_tokens},
+            "/v1/responses": {"POST": agents.responses},
+            "/v1/models": {"GET": self._models},
             "/v1/balance": {"GET": account.balance},
             "/v1/me": {"GET": account.me},
             "/v1/packages": {"GET": account.packages},
@@ -82,6 +87,7 @@ class Gateway:
             "/metrics": {"GET": ops.metrics},
             "/openapi.json": {"GET": ops.openapi},
         }
+        self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},
             "": {"PATCH": funding.update_user},
@@ -122,6 +128,13 @@ class Gateway:
         except QuotaError as error:
             await error.send(scope, receive, send)
 
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The model list in the caller's protocol: Anthropic's shape when it sends anthropic-version."""
+        if header(scope, b"anthropic-version") is not None:
+            await anthropic_models(self.routes, scope, send)
+        else:
+            await self._openai_models(scope, receive, send)
+
     def reload(self) -> bool:
         """Re-read the TOML file: routes, upstreams, packages and billing switch over for the
         next request; in-flight requests finish on what they started with. An invalid file
@@ -141,6 +154,7 @@ class Gateway:
         self.services.settings = new
         self.services.money = new.money
         self.metering.configure(new)
+        self.agents.configure(new)
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),

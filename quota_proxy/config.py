@@ -11,14 +11,18 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
+from quota_proxy.usage import BucketWeights
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
 OVERDRAFT_MODES = ("cap", "refuse")
+UPSTREAM_APIS = ("openai", "anthropic")
+WEIGHT_NAMES = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
 
 
 class ConfigError(Exception):
@@ -64,6 +68,10 @@ class Upstream:
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     cooldown_s: float = 30.0
+    # What the upstream speaks: "openai" (Chat Completions; the Responses API too when
+    # responses = true) or "anthropic" (the Messages API, authenticated by x-api-key).
+    api: str = "openai"
+    responses: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,8 @@ class Route:
     max_output_tokens: int = 4096
     description: str = ""
     limits: Limits = Limits()
+    match: tuple[str, ...] = ()  # extra model names or fnmatch patterns ("claude-sonnet-*")
+    weights: BucketWeights = BucketWeights()
 
     @property
     def upstream(self) -> Upstream:
@@ -208,7 +218,12 @@ def parse_settings(
     for name, up in v.table("upstreams", raw.get("upstreams")).items():
         p = f"upstreams.{_quote(name)}"
         up = v.table(p, up)
-        v.only_keys(p, up, {"base_url", "api_key_env", "timeout_s", "connect_timeout_s", "cooldown_s"})
+        v.only_keys(
+            p, up, {"base_url", "api_key_env", "timeout_s", "connect_timeout_s", "cooldown_s", "api", "responses"}
+        )
+        api = v.string(f"{p}.api", up.get("api", "openai"))
+        if api not in UPSTREAM_APIS:
+            v.problem(f"{p}.api", 'must be "openai" or "anthropic"')
         base_url = v.string(f"{p}.base_url", up.get("base_url"), required=True).rstrip("/")
         if base_url and not base_url.startswith(("http://", "https://")):
             v.problem(f"{p}.base_url", "must start with http:// or https://")
@@ -230,6 +245,8 @@ def parse_settings(
                 f"{p}.connect_timeout_s", up.get("connect_timeout_s", 10), positive=True
             ),
             cooldown_s=v.number(f"{p}.cooldown_s", up.get("cooldown_s", 30), positive=True),
+            api=api,
+            responses=v.boolean(f"{p}.responses", up.get("responses", False)),
         )
 
     routes: dict[str, Route] = {}
@@ -240,7 +257,7 @@ def parse_settings(
             p,
             rt,
             {"upstream", "upstreams", "model", "multiplier", "stream", "tier", "max_output_tokens",
-             "description", "rpm", "tpm", "max_concurrent"},
+             "description", "rpm", "tpm", "max_concurrent", "match", "weights"},
         )
         chosen = _route_upstreams(v, p, rt, upstreams)
         try:
@@ -270,6 +287,8 @@ def parse_settings(
                 ),
                 description=v.string(f"{p}.description", rt.get("description", "")),
                 limits=limits,
+                match=_route_match(v, p, rt.get("match", [])),
+                weights=_route_weights(v, p, rt.get("weights", {})),
             )
 
     packages: list[Package] = []
@@ -338,6 +357,34 @@ def _route_upstreams(
             return ()
         chosen.append(upstream)
     return tuple(chosen)
+
+
+def _route_match(v: _Validator, path: str, raw: Any) -> tuple[str, ...]:
+    """`match = ["claude-sonnet-*", "gpt-5-codex"]`: names or fnmatch patterns the route answers to."""
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m.strip() for m in raw):
+        v.problem(f"{path}.match", "must be an array of non-empty model names or patterns")
+        return ()
+    return tuple(raw)
+
+
+def _route_weights(v: _Validator, path: str, raw: Any) -> BucketWeights:
+    """`[routes."x".weights] cache_read = 0.1`: per-bucket price weights, 1 when unset."""
+    table = v.table(f"{path}.weights", raw)
+    v.only_keys(f"{path}.weights", table, set(WEIGHT_NAMES))
+    weights: dict[str, Fraction] = {}
+    for name, value in table.items():
+        if name not in WEIGHT_NAMES:
+            continue
+        try:
+            dec = parse_decimal(value)
+        except ValueError as exc:
+            v.problem(f"{path}.weights.{name}", str(exc))
+            continue
+        if dec < 0:
+            v.problem(f"{path}.weights.{name}", "must be >= 0")
+            continue
+        weights[name] = Fraction(dec)
+    return BucketWeights(**weights)
 
 
 def _quote(name: str) -> str:

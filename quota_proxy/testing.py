@@ -97,6 +97,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    query: str = ""
 
 
 @dataclass
@@ -319,7 +320,8 @@ class FakeUpstream:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append(RecordedRequest(method, path, headers, body))
+        query = scope.get("query_string", b"").decode("latin-1")
+        self.requests.append(RecordedRequest(method, path, headers, body, query))
         self.stats["requests"] += 1
         if (
             self.options.api_key is not None

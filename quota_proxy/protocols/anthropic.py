@@ -296,17 +296,17 @@ class StreamTranslator:
             self.usage = facts.usage
         return b"".join(out)
 
-    def finish(self, usage: Buckets | None = None) -> bytes:
-        """The closing events, once the chat stream has ended; ``usage`` overrides what it reported."""
+    def finish(self, usage: Buckets | None = None, extra: dict[str, Any] | None = None) -> bytes:
+        """The closing events, once the chat stream has ended; ``usage`` overrides what it
+        reported and ``extra`` extends the usage object."""
         if self.finished:
             return b""
         self.finished = True
         out = self._start() + self._close_block()
         buckets = usage or self.usage or Buckets()
         delta = {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None}
-        out.append(
-            sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_object(buckets)})
-        )
+        usage_out = {**usage_object(buckets), **(extra or {})}
+        out.append(sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_out}))
         out.append(sse("message_stop", {"type": "message_stop"}))
         return b"".join(out)
 

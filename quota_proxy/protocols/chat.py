@@ -92,11 +92,12 @@ class StreamFacts:
 class ChatStreamReader:
     """Turns chat.completion.chunk objects into StreamFacts (first choice only)."""
 
-    __slots__ = ("model", "_known")
+    __slots__ = ("model", "_known", "delivered")
 
     def __init__(self) -> None:
         self.model = ""
         self._known: set[int] = set()
+        self.delivered: list[str] = []  # text and argument pieces, to estimate a cut stream
 
     def read(self, chunk: dict[str, Any]) -> StreamFacts:
         facts = StreamFacts()
@@ -111,6 +112,10 @@ class ChatStreamReader:
             delta = field_of(choice, "delta")
             if isinstance(delta.get("content"), str):
                 facts.text += delta["content"]
+                self.delivered.append(delta["content"])
+            for name in ("reasoning_content", "reasoning"):
+                if isinstance(delta.get(name), str):
+                    self.delivered.append(delta[name])
             for raw in delta.get("tool_calls") or ():
                 if not isinstance(raw, dict):
                     continue
@@ -123,6 +128,7 @@ class ChatStreamReader:
                     call = ToolCall(str(raw.get("id") or new_id("call_")), str(fn.get("name") or ""))
                 piece = str_of(fn, "arguments")
                 facts.tools.append((index, call, piece))
+                self.delivered.append(piece)
             if isinstance(choice.get("finish_reason"), str):
                 facts.finish_reason = choice["finish_reason"]
         return facts

@@ -382,8 +382,9 @@ class StreamTranslator:
             self.usage = facts.usage
         return b"".join(out)
 
-    def finish(self, usage: Buckets | None = None) -> bytes:
-        """The closing events: every open item done, then response.completed or .incomplete."""
+    def finish(self, usage: Buckets | None = None, extra: dict[str, Any] | None = None) -> bytes:
+        """The closing events: every open item done, then response.completed or .incomplete;
+        ``extra`` extends the usage object."""
         if self.finished:
             return b""
         self.finished = True
@@ -392,6 +393,8 @@ class StreamTranslator:
         items = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
         model = self.reader.model or self.model
         response = _response(self.request, model, status, items, usage or self.usage or Buckets(), self.id)
+        if extra:
+            response["usage"].update(extra)
         out.append(self._event(f"response.{status}", response=response))
         return b"".join(out)
 

@@ -1,0 +1,7 @@
+"""The coding agents' APIs: Anthropic Messages and OpenAI Responses, passed through to an
+upstream that speaks them or translated to Chat Completions, metered by usage bucket."""
+
+from quota_proxy.agents.endpoint import AgentApi
+from quota_proxy.agents.models import anthropic_models
+
+__all__ = ["AgentApi", "anthropic_models"]

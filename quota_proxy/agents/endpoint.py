@@ -1,0 +1,494 @@
+"""POST /v1/messages and /v1/responses: the coding agents' APIs, metered by bucket.
+
+One request reads top to bottom: validate and route -> rate limit -> hold the worst case
+(prompt at the heaviest input-side weight + output cap at the output weight) -> forward
+to the first upstream that answers (as sent, or translated to Chat Completions) -> relay,
+reading the usage in the upstream's own dialect -> settle exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import anyio
+import orjson
+
+from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
+from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse
+from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes
+from quota_proxy.config import Limits, Settings, Upstream
+from quota_proxy.errors import (
+    BadRequest,
+    InsufficientBalance,
+    QuotaError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from quota_proxy.http_client import ReadTimedOut, UpstreamClient, UpstreamHTTPError, UpstreamResponse
+from quota_proxy.metering import Billing
+from quota_proxy.routing import RouteTable
+from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.tokens import estimate_output_tokens
+from quota_proxy.upstream import relay_headers, translate_exception, translate_status
+from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
+
+HOLD_ATTEMPTS = 3
+_SETTLEMENT_FIELDS = frozenset(f.name for f in fields(Settlement))
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class AgentApi:
+    """The agent endpoints. Errors raised here reach the caller through the dispatcher,
+    which renders them in Anthropic's shape on /v1/messages."""
+
+    def __init__(
+        self, client: UpstreamClient, store: SqliteStore, settings: Settings, routes: RouteTable, owner: str
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.routes = routes
+        self.owner = owner
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        self.max_body = settings.server.max_body_bytes
+        self.overdraft_cap = settings.billing.overdraft == "cap"
+        self.hold_ttl_ms = settings.billing.hold_ttl_s * 1000
+
+    async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._serve(scope, receive, send, Protocol.MESSAGES)
+
+    async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._serve(scope, receive, send, Protocol.RESPONSES)
+
+    async def _parse(
+        self, scope: Scope, receive: Receive, protocol: Protocol, counting: bool = False
+    ) -> AgentRequest:
+        body = await read_body(scope, receive, self.max_body)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("The request body is not valid JSON.") from None
+        key: KeyRecord = scope["quota.key"]
+        return parse(scope, payload, lambda model: self.routes.resolve(model, key), protocol, counting)
+
+    async def count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anthropic's token counter: the upstream's own answer when it speaks Messages, else
+        the estimator's. Never held, never billed."""
+        request = await self._parse(scope, receive, Protocol.MESSAGES, counting=True)
+        scope.setdefault("quota.log", {})["route"] = request.route.alias
+        upstream = request.route.upstream
+        if upstream.api == "anthropic":
+            body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
+            body["model"] = request.route.model
+            url = upstream.base_url + "/messages/count_tokens"
+            if request.query:
+                url += "?" + request.query.decode("latin-1")
+            try:
+                response = await self.client.send(
+                    url, orjson.dumps(body), request.headers_for(upstream, Mode.NATIVE),
+                    timeout=upstream.timeout_s, connect_timeout=upstream.connect_timeout_s,
+                )  # fmt: skip
+                try:
+                    raw = await response.aread()
+                finally:
+                    await response.aclose()
+            except UpstreamHTTPError as exc:
+                raise translate_exception(exc) from None
+            error = translate_status(response)
+            if error is not None:
+                raise error
+            await send_bytes(send, response.status_code, raw)
+            return
+        await send_bytes(send, 200, orjson.dumps({"input_tokens": request.prompt_estimate}))
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, protocol: Protocol) -> None:
+        request = await self._parse(scope, receive, protocol)
+        key: KeyRecord = scope["quota.key"]
+        route = request.route
+        log = scope.setdefault("quota.log", {})
+        log["route"] = route.alias
+        if request.session_id:
+            log["session_id"] = request.session_id
+        billing: Billing = scope.get("quota.billing") or Billing(key.account_id, key.account_id)
+        limits = Limits(
+            rpm=key.rpm or route.limits.rpm,
+            tpm=key.tpm or route.limits.tpm,
+            max_concurrent=key.max_concurrent or route.limits.max_concurrent,
+        )
+        await self._check_rate(key, limits)
+        hold_id = await self._hold(scope, request, billing, key, limits)
+        exchange = _Exchange(self, scope, request, billing, key.id, hold_id)
+        try:
+            await exchange.run(receive, send)
+        finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                with anyio.CancelScope(shield=True):
+                    await exchange.settle_once()
+            else:
+                await exchange.settle_once()
+
+    async def _check_rate(self, key: KeyRecord, limits: Limits) -> None:
+        if not (limits.rpm or limits.tpm):
+            return
+        if not await self.store.count_request(key.id, limits.rpm, limits.tpm):
+            error = RateLimited(
+                f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} tokens per minute is reached."
+            )
+            error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
+            raise error
+
+    async def _hold(
+        self, scope: Scope, request: AgentRequest, billing: Billing, key: KeyRecord, limits: Limits
+    ) -> int:
+        """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
+        route = request.route
+        mult, weights = route.multiplier.value, route.weights
+        estimate = request.prompt_estimate
+        cap = request.output_cap
+        available = 0
+        for _ in range(HOLD_ATTEMPTS):
+            amount = worst_case_hold(estimate, cap, mult, weights)
+            started = time.perf_counter()
+            try:
+                hold_id = await self.store.take_hold(
+                    billing.charged_account_id, max(amount, 1), scope["quota.request_id"], self.owner,
+                    self.hold_ttl_ms, key.id, limits.max_concurrent,
+                )  # fmt: skip
+            except InsufficientFunds as short:
+                available = short.available
+            except TooManyInFlight:
+                error = RateLimited(f"This key may have {limits.max_concurrent} requests in flight at once.")
+                error.headers.append((b"retry-after", b"1"))
+                raise error from None
+            else:
+                scope["quota.log"]["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                request.output_cap = cap
+                return hold_id
+            if not self.overdraft_cap:
+                break
+            cap = min(cap, affordable_output(available, estimate, mult, weights))
+            if cap < 1:
+                break
+        least = 1 if self.overdraft_cap else request.output_cap
+        raise InsufficientBalance(
+            required=max(worst_case_hold(estimate, least, mult, weights), 1), available=available
+        )
+
+
+@dataclass(slots=True)
+class _Usage:
+    buckets: Buckets
+    estimated: bool
+
+
+class _Exchange:
+    """One forwarded request: the upstream call, the relay, and the settlement."""
+
+    def __init__(
+        self, api: AgentApi, scope: Scope, request: AgentRequest, billing: Billing, key_id: int, hold_id: int
+    ) -> None:
+        self.api = api
+        self.scope = scope
+        self.request = request
+        self.billing = billing
+        self.key_id = key_id
+        self.hold_id = hold_id
+        self.status = 0
+        self.outcome = "failed"
+        self.usage: _Usage | None = None
+        self.meter: StreamMeter | None = None
+        self.upstream_model = request.route.model
+        self.settled = False
+
+    # ---- pricing -------------------------------------------------------------------------
+
+    def billable(self, b: Buckets) -> Buckets:
+        """Output past the cap the gateway sent is not billed: the hold covered the cap."""
+        return (
+            b.with_output(min(b.output, self.request.output_cap)) if b.output > self.request.output_cap else b
+        )
+
+    def price(self, b: Buckets) -> int:
+        route = self.request.route
+        return charge(self.billable(b), route.multiplier.value, route.weights)
+
+    def extension(self, b: Buckets, estimated: bool = False) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "route_multiplier": str(self.request.route.multiplier),
+            "charged_quota_tokens": self.price(b),
+        }
+        if estimated:
+            extra["estimated"] = True
+        return extra
+
+    def estimate(self, text: str) -> Buckets:
+        return Buckets(input=self.request.prompt_estimate, output=estimate_output_tokens(text))
+
+    # ---- the exchange --------------------------------------------------------------------
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        """Forward and relay; a caller who leaves cancels the upstream request at once."""
+        finished = False
+        left = False
+        task = asyncio.current_task()
+        assert task is not None
+
+        async def send_until_final(message: Message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        def on_receive(done: asyncio.Future[Message]) -> None:
+            nonlocal left
+            if done.cancelled() or done.exception() is not None or finished:
+                return
+            if done.result()["type"] == "http.disconnect":
+                left = True
+                task.cancel()
+
+        watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_receive)
+        try:
+            await self._forward(send_until_final)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()
+        finally:
+            watcher.remove_done_callback(on_receive)
+            watcher.cancel()
+        if left:
+            self.outcome = "client_disconnected"
+
+    async def _forward(self, send: Send) -> None:
+        request = self.request
+        log = self.scope["quota.log"]
+        failure: QuotaError = UpstreamError("The route has no upstream.")
+        candidates = request.route.upstreams
+        for attempt, upstream in enumerate(candidates, start=1):
+            last = attempt == len(candidates)
+            mode, url, body, headers = request.upstream_call(upstream)
+            log["upstream"] = upstream.name
+            started = time.perf_counter()
+            try:
+                response = await self.api.client.send(
+                    url, body, headers, timeout=upstream.timeout_s, connect_timeout=upstream.connect_timeout_s
+                )
+            except UpstreamHTTPError as exc:
+                failure = translate_exception(exc)
+                log.setdefault("upstream_errors", []).append((upstream.name, type(exc).__name__))
+                continue
+            if (response.status_code >= 500 or response.status_code == 429) and not last:
+                await response.aclose()
+                log.setdefault("upstream_errors", []).append(
+                    (upstream.name, f"status_{response.status_code}")
+                )
+                continue
+            self.scope["quota.upstream_started"] = started
+            try:
+                if request.stream and response.status_code == 200:
+                    await self._relay_stream(send, response, mode)
+                else:
+                    await self._relay_whole(send, response, mode, upstream)
+            finally:
+                await response.aclose()
+            return
+        self.outcome = "upstream_error"
+        await self._send_error(send, failure)
+
+    async def _send_error(self, send: Send, error: QuotaError) -> None:
+        self.status = error.status
+        await error.send(self.scope, _never, send)
+
+    async def _relay_whole(
+        self, send: Send, response: UpstreamResponse, mode: Mode, upstream: Upstream
+    ) -> None:
+        try:
+            raw = await response.aread()
+        except UpstreamHTTPError as exc:
+            self.outcome = "upstream_error"
+            await self._send_error(send, translate_exception(exc))
+            return
+        _record_upstream_time(self.scope)
+        error = translate_status(response)
+        if error is not None:
+            self.outcome = "upstream_error"
+            await self._send_error(send, error)
+            return
+        status = response.status_code
+        self.status = status
+        if status >= 400:
+            # The caller's request was at fault: its body as the upstream sent it, in the
+            # caller's dialect when the upstream spoke another one.
+            self.outcome = "upstream_rejected"
+            if mode is Mode.TRANSLATED and self.request.protocol is Protocol.MESSAGES:
+                raw = _anthropic_error_from_openai(raw, status)
+            await send_bytes(
+                send, status, raw, [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
+            )
+            return
+        try:
+            obj = orjson.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError
+        except ValueError:
+            self.outcome = "upstream_malformed"
+            await self._send_error(send, UpstreamError("The upstream model server sent a malformed reply."))
+            return
+        reported, text = whole_usage(self.request.protocol, mode, obj)
+        usage = _Usage(reported, False) if reported is not None else _Usage(self.estimate(text), True)
+        self.usage = usage
+        reply = whole_reply(
+            self.request.protocol, mode, obj, self.request.body, usage.buckets,
+            self.extension(usage.buckets, usage.estimated),
+        )  # fmt: skip
+        self.outcome = "ok"
+        await self.settle_once()
+        headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
+        await send_bytes(send, 200, orjson.dumps(reply), headers)
+
+    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode) -> None:
+        request = self.request
+        meter = stream_meter(request.protocol, mode, self.extension, request.body, request.route.model)
+        self.meter = meter
+        self.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        _record_upstream_time(self.scope)
+        first = True
+        try:
+            async for chunk in response.aiter_raw():
+                out = meter.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if first:
+                        first = False
+                        started = self.scope["quota.started"]
+                        self.scope["quota.log"]["ttfb_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        except UpstreamHTTPError as exc:
+            self.outcome = "upstream_broken"
+            error = translate_exception(exc)
+            if isinstance(exc, ReadTimedOut):
+                error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
+            tail = meter.broken(error.code, error.message)
+        else:
+            self.outcome = "ok"
+            tail = meter.finish()
+            if not meter.final and isinstance(meter, TranslatedMeter):
+                # A translated stream that ended without usage: estimate and close it properly.
+                estimated = self.estimate(meter.delivered_text())
+                self.usage = _Usage(estimated, True)
+                tail += meter.translator.finish(estimated, self.extension(estimated, True))
+        await self.settle_once()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    # ---- settlement ----------------------------------------------------------------------
+
+    def _final_usage(self) -> _Usage | None:
+        if self.usage is not None:
+            return self.usage
+        meter = self.meter
+        if meter is None:
+            return None
+        if meter.final and meter.usage is not None:
+            return _Usage(meter.usage, False)
+        # Cut short (the caller left, the upstream broke): what was delivered, estimated.
+        # Nothing delivered means nothing produced, and that is not charged.
+        output = estimate_output_tokens(meter.delivered_text())
+        if output == 0:
+            return None
+        if meter.usage is not None:  # the input side was reported (Anthropic's message_start)
+            return _Usage(meter.usage.with_output(max(meter.usage.output, output)), True)
+        return _Usage(Buckets(input=self.request.prompt_estimate, output=output), True)
+
+    async def settle_once(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        request = self.request
+        usage = self._final_usage() or _Usage(Buckets(), False)
+        billed = self.billable(usage.buckets)
+        charged = self.price(usage.buckets)
+        tokens: dict[str, Any] = {"input_tokens": billed.input_total, "output_tokens": billed.output}
+        if "cache_read_tokens" in _SETTLEMENT_FIELDS:  # the store records buckets
+            tokens = {
+                "input_tokens": billed.input,
+                "output_tokens": billed.output,
+                "cache_read_tokens": billed.cache_read,
+                "cache_write_tokens": billed.cache_write_5m,
+                "cache_write_1h_tokens": billed.cache_write_1h,
+                "reasoning_tokens": billed.reasoning,
+            }
+        if "session_id" in _SETTLEMENT_FIELDS:
+            tokens["session_id"] = request.session_id
+        settlement = Settlement(
+            request_id=self.scope["quota.request_id"],
+            account_id=self.billing.account_id,
+            charged_account_id=self.billing.charged_account_id,
+            user_id=self.billing.user_id,
+            key_id=self.key_id,
+            hold_id=self.hold_id,
+            route=request.route.alias,
+            upstream_model=self.upstream_model,
+            multiplier=str(request.route.multiplier),
+            charged=charged,
+            estimated=usage.estimated,
+            outcome=self.outcome,
+            status=self.status,
+            **tokens,
+        )
+        log = self.scope["quota.log"]
+        log.update(
+            input_tokens=billed.input_total,
+            output_tokens=billed.output,
+            cache_read_tokens=billed.cache_read,
+            cache_write_tokens=billed.cache_write_5m + billed.cache_write_1h,
+            charged=charged,
+            estimated=usage.estimated,
+            outcome=self.outcome,
+        )
+        started = time.perf_counter()
+        await self.api.store.settle(settlement)
+        log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+
+def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:
+    """A Chat server's error body, in Anthropic's shape (the message kept verbatim)."""
+    try:
+        error = orjson.loads(raw).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    message = error.get("message") if isinstance(error, dict) else None
+    kind = (
+        "not_found_error"
+        if status == 404
+        else "rate_limit_error"
+        if status == 429
+        else "invalid_request_error"
+    )
+    out: dict[str, Any] = {
+        "type": kind,
+        "message": message if isinstance(message, str) else raw.decode("utf-8", "replace"),
+    }
+    return orjson.dumps({"type": "error", "error": out})
+
+
+def _record_upstream_time(scope: Scope) -> None:
+    elapsed = time.perf_counter() - scope["quota.upstream_started"]
+    scope["quota.upstream_s"] = elapsed
+    scope["quota.log"]["upstream_ms"] = round(elapsed * 1000, 3)
+
+
+async def _never() -> Message:
+    forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    return await forever
