@@ -18,7 +18,7 @@ from quota_proxy.protocols import anthropic, responses
 from quota_proxy.tokens import estimate_prompt_tokens
 
 ANTHROPIC_VERSION = b"2023-06-01"
-SESSION_HEADERS = (b"x-claude-code-session-id", b"session-id", b"x-session-id")
+SESSION_HEADERS = (b"x-claude-code-session-id", b"session_id", b"session-id", b"x-session-id")
 _PASSED_HEADERS = (b"anthropic-version", b"anthropic-beta")
 
 
