@@ -286,3 +286,75 @@ async def test_disconnect_mid_stream_stops_the_upstream_and_charges_what_was_sen
         fake.options.chunk_delay_s = 0.0
         fake.options.reply_words = 8
     await gw.verify()
+
+
+async def test_each_upstream_gets_its_own_auth_style(
+    make_gateway: GatewayFactory, upstream: RunningUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QP_TEST_UPSTREAM_KEY", "sekrit")
+    keyed = f"""
+[upstreams.keyed-claude]
+base_url = "{upstream.base_url}"
+api = "anthropic"
+api_key_env = "QP_TEST_UPSTREAM_KEY"
+[upstreams.keyed-chat]
+base_url = "{upstream.base_url}"
+api_key_env = "QP_TEST_UPSTREAM_KEY"
+[routes."quota/keyed-claude"]
+upstream = "keyed-claude"
+model = "m"
+[routes."quota/keyed-chat"]
+upstream = "keyed-chat"
+model = "m"
+"""
+    gw: GatewayHarness = await make_gateway(routes=keyed)
+    await gw.account("acme", FUNDS)
+    upstream.app.options.api_key = "sekrit"
+    try:
+        client = claude(gw, await gw.key())
+        await client.messages.create(model="quota/keyed-claude", max_tokens=5, messages=MESSAGES)
+        sent = upstream.app.requests[-1].headers
+        assert sent["x-api-key"] == "sekrit" and "authorization" not in sent
+        assert sent["anthropic-version"]  # the SDK's own, passed through
+        await client.messages.create(model="quota/keyed-chat", max_tokens=5, messages=MESSAGES)
+        sent = upstream.app.requests[-1].headers
+        assert sent["authorization"] == "Bearer sekrit" and "x-api-key" not in sent
+        assert "anthropic-version" not in sent
+    finally:
+        upstream.app.options.api_key = None
+
+
+async def test_translated_stream_without_usage_is_estimated_and_closed(gw: GatewayHarness) -> None:
+    gw.upstream.app.options.include_usage = False  # an old Chat server: no usage chunk
+    try:
+        client = claude(gw, await gw.key())
+        async with client.messages.stream(model="quota/sonnet", max_tokens=50, messages=MESSAGES) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_message()
+        assert [e.type for e in events][-2:] == ["message_delta", "message_stop"]
+        assert final.content[0].type == "text" and final.content[0].text.startswith("hello world")
+        last = events[-2]
+        assert last.type == "message_delta"
+        assert extension(last.usage)["estimated"] is True
+        charged = extension(last.usage)["charged_quota_tokens"]
+        assert charged > 0 and await spent(gw) == charged
+    finally:
+        gw.upstream.app.options.include_usage = True
+
+
+async def test_native_stream_broken_mid_way_ends_with_an_error_event(gw: GatewayHarness) -> None:
+    key = await gw.key()
+    body = {"model": "quota/claude", "max_tokens": 20, "stream": True, "messages": MESSAGES,
+            "fake": {"fail": "reset_mid_stream"}}  # fmt: skip
+    async with (
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as http,
+        http.stream("POST", "/v1/messages", json=body, headers={"x-api-key": key}) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = [line async for line in reply.aiter_lines() if line.startswith("event: ")]
+    assert lines[0] == "event: message_start" and lines[-1] == "event: error"
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await claude(gw, key).messages.create(
+            model="quota/opus", max_tokens=5, messages=MESSAGES, stream=True
+        )
+    assert refused.value.body["error"]["code"] == "stream_not_supported"  # type: ignore[index]
