@@ -17,9 +17,7 @@
     └── UpstreamTimeout             504 upstream_timeout
 
 Foreign errors (the upstream client's, sqlite's) are translated to these at one boundary each.
-On the Anthropic Messages endpoints the same errors render in Anthropic's shape
-(``{"type": "error", "error": {"type", "message", "code", …}}``), so its SDKs and Claude
-Code read them.
+This module is a leaf (it imports nothing from the package): `asgi.send_error` sends one.
 """
 
 from __future__ import annotations
@@ -27,8 +25,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
-
-from quota_proxy.asgi import Receive, Scope, Send, send_json
 
 
 class QuotaError(Exception):
@@ -50,33 +46,6 @@ class QuotaError(Exception):
 
     def json_bytes(self) -> bytes:
         return orjson.dumps(self.body())
-
-    def anthropic_body(self) -> dict[str, Any]:
-        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
-        error: dict[str, Any] = {"type": kind, "message": self.message, "code": self.code}
-        error.update(self.extra)
-        return {"type": "error", "error": error}
-
-    async def send(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = self.anthropic_body() if is_anthropic_path(scope.get("path", "")) else self.body()
-        await send_json(send, self.status, body, self.headers)
-
-
-# Anthropic's error types by status; its SDKs pick exception classes by status.
-ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    504: "timeout_error",
-}
-
-
-def is_anthropic_path(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 class BadRequest(QuotaError):

@@ -99,8 +99,9 @@ def chat_usage(c: Counts) -> dict[str, Any]:
 
 
 def anthropic_usage(c: Counts, output: int | None = None) -> dict[str, Any]:
-    """input_tokens excludes cache reads and writes; writes split by lifetime."""
-    return {
+    """input_tokens excludes cache reads and writes; writes split by lifetime; thinking
+    tokens are inside output_tokens (output_tokens_details breaks them out)."""
+    usage: dict[str, Any] = {
         "input_tokens": c.uncached,
         "cache_creation_input_tokens": c.cache_write_5m + c.cache_write_1h,
         "cache_read_input_tokens": c.cache_read,
@@ -111,6 +112,9 @@ def anthropic_usage(c: Counts, output: int | None = None) -> dict[str, Any]:
         "output_tokens": c.output if output is None else output,
         "service_tier": "standard",
     }
+    if c.reasoning and output is None:
+        usage["output_tokens_details"] = {"thinking_tokens": c.reasoning}
+    return usage
 
 
 def responses_usage(c: Counts) -> dict[str, Any]:

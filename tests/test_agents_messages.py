@@ -137,22 +137,32 @@ async def test_tool_use_native_and_translated(gw: GatewayHarness) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "expected"),
+    ("model", "buckets"),
     [
         # Anthropic reports every bucket apart, the 1-hour writes too.
-        ("quota/cached-claude", weighted(2, MESSAGES_PROMPT, 1000, 200, 50, REPLY + 5)),
+        ("quota/cached-claude", (MESSAGES_PROMPT, 1000, 200, 50, REPLY + 5)),
         # Chat reports cached ⊂ prompt_tokens and one cache_write count (short-lived).
-        ("quota/cached-chat", weighted(2, CHAT_PROMPT, 1000, 250, 0, REPLY + 5)),
+        ("quota/cached-chat", (CHAT_PROMPT, 1000, 250, 0, REPLY + 5)),
     ],
 )
-async def test_cache_heavy_turn_is_billed_by_bucket(gw: GatewayHarness, model: str, expected: int) -> None:
+async def test_cache_heavy_turn_is_billed_by_bucket(
+    gw: GatewayHarness, model: str, buckets: tuple[int, int, int, int, int]
+) -> None:
+    expected = weighted(2, *buckets)
     options = gw.upstream.app.options
     for name, value in CACHE.items():
         setattr(options, name, value)
     try:
         client = claude(gw, await gw.key())
-        message = await client.messages.create(model=model, max_tokens=50, system=SYSTEM, messages=MESSAGES)
+        raw = await client.messages.with_raw_response.create(
+            model=model, max_tokens=50, system=SYSTEM, messages=MESSAGES
+        )
+        message = await raw.parse()
         assert extension(message.usage)["charged_quota_tokens"] == expected
+        row = request_row(gw, raw.headers["x-quota-request-id"])
+        stored = tuple(row[k] for k in ("input_tokens", "cache_read_tokens", "cache_write_tokens",
+                                        "cache_write_1h_tokens", "output_tokens"))  # fmt: skip
+        assert stored == buckets and row["reasoning_tokens"] == 5 and row["charged"] == expected
         assert message.usage.cache_read_input_tokens == 1000
         async with client.messages.stream(
             model=model, max_tokens=50, system=SYSTEM, messages=MESSAGES
@@ -160,6 +170,13 @@ async def test_cache_heavy_turn_is_billed_by_bucket(gw: GatewayHarness, model: s
             final = await stream.get_final_message()
         assert final.usage.cache_read_input_tokens == 1000
         assert await spent(gw) == 2 * expected
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+            me = (await http.get("/v1/me", headers={"x-api-key": await gw.key()})).json()["usage"]
+        assert (me["cache_read_tokens"], me["reasoning_tokens"], me["charged_quota_tokens"]) == (
+            2000,
+            10,
+            2 * expected,
+        )
     finally:
         for name in CACHE:
             setattr(options, name, 0)
@@ -251,6 +268,8 @@ async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
         assert sent.headers["anthropic-version"] == "2023-06-01"
         assert sent.body["model"] == "fake-claude"  # the alias pattern found quota/claude
         assert "authorization" not in sent.headers and "x-api-key" not in sent.headers  # no key configured
+        row = request_row(gw, reply.headers["x-quota-request-id"])
+        assert row["session_id"] == "sess-1" and row["route"] == "quota/claude"
         listed = (
             await http.get("/v1/models", headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
         ).json()

@@ -160,9 +160,12 @@ async def test_cache_heavy_turn_is_billed_by_bucket(gw: GatewayHarness, model: s
         setattr(options, name, value)
     try:
         client = codex(gw, await gw.key())
-        response = await client.responses.create(model=model, instructions=SYSTEM, input=PROMPT)
+        raw = await client.responses.with_raw_response.create(model=model, instructions=SYSTEM, input=PROMPT)
+        response = raw.parse()
         assert response.usage is not None
         assert extension(response.usage)["charged_quota_tokens"] == expected
+        row = request_row(gw, raw.headers["x-quota-request-id"])
+        assert (row["cache_read_tokens"], row["reasoning_tokens"], row["charged"]) == (1000, 5, expected)
         assert response.usage.input_tokens_details.cached_tokens == 1000
         assert response.usage.output_tokens_details.reasoning_tokens == 5
         async with client.responses.stream(model=model, instructions=SYSTEM, input=PROMPT) as stream:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,8 +18,8 @@ import orjson
 
 from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
 from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse
-from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes
-from quota_proxy.config import Limits, Settings, Upstream
+from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes, send_error
+from quota_proxy.config import Limits, Settings
 from quota_proxy.errors import (
     BadRequest,
     InsufficientBalance,
@@ -28,16 +28,17 @@ from quota_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import ReadTimedOut, UpstreamClient, UpstreamHTTPError, UpstreamResponse
-from quota_proxy.metering import Billing
 from quota_proxy.routing import RouteTable
+from quota_proxy.state import Billing, RequestState, caller_key, request_state
 from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
 from quota_proxy.upstream import relay_headers, translate_exception, translate_status
 from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
 HOLD_ATTEMPTS = 3
-_SETTLEMENT_FIELDS = frozenset(f.name for f in fields(Settlement))
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -50,12 +51,17 @@ class AgentApi:
     which renders them in Anthropic's shape on /v1/messages."""
 
     def __init__(
-        self, client: UpstreamClient, store: SqliteStore, settings: Settings, routes: RouteTable, owner: str
+        self,
+        client: UpstreamClient,
+        store: SqliteStore,
+        settings: Settings,
+        routes: RouteTable,
+        keeper: HoldKeeper,
     ) -> None:
         self.client = client
         self.store = store
         self.routes = routes
-        self.owner = owner
+        self.keeper = keeper  # our holds are its owner's, refreshed while we serve
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
@@ -77,14 +83,14 @@ class AgentApi:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise BadRequest("The request body is not valid JSON.") from None
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         return parse(scope, payload, lambda model: self.routes.resolve(model, key), protocol, counting)
 
     async def count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anthropic's token counter: the upstream's own answer when it speaks Messages, else
         the estimator's. Never held, never billed."""
         request = await self._parse(scope, receive, Protocol.MESSAGES, counting=True)
-        scope.setdefault("quota.log", {})["route"] = request.route.alias
+        request_state(scope).log["route"] = request.route.alias
         upstream = request.route.upstream
         if upstream.api == "anthropic":
             body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
@@ -112,21 +118,21 @@ class AgentApi:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, protocol: Protocol) -> None:
         request = await self._parse(scope, receive, protocol)
-        key: KeyRecord = scope["quota.key"]
+        state = request_state(scope)
+        key = caller_key(scope)
         route = request.route
-        log = scope.setdefault("quota.log", {})
-        log["route"] = route.alias
+        state.log["route"] = route.alias
         if request.session_id:
-            log["session_id"] = request.session_id
-        billing: Billing = scope.get("quota.billing") or Billing(key.account_id, key.account_id)
+            state.log["session_id"] = request.session_id
+        billing = state.billing or Billing(key.account_id, key.account_id)
         limits = Limits(
             rpm=key.rpm or route.limits.rpm,
             tpm=key.tpm or route.limits.tpm,
             max_concurrent=key.max_concurrent or route.limits.max_concurrent,
         )
         await self._check_rate(key, limits)
-        hold_id = await self._hold(scope, request, billing, key, limits)
-        exchange = _Exchange(self, scope, request, billing, key.id, hold_id)
+        hold_id = await self._hold(state, request, billing, key, limits)
+        exchange = _Exchange(self, state, request, billing, key.id, hold_id)
         try:
             await exchange.run(receive, send)
         finally:
@@ -148,7 +154,7 @@ class AgentApi:
             raise error
 
     async def _hold(
-        self, scope: Scope, request: AgentRequest, billing: Billing, key: KeyRecord, limits: Limits
+        self, state: RequestState, request: AgentRequest, billing: Billing, key: KeyRecord, limits: Limits
     ) -> int:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
         route = request.route
@@ -161,7 +167,7 @@ class AgentApi:
             started = time.perf_counter()
             try:
                 hold_id = await self.store.take_hold(
-                    billing.charged_account_id, max(amount, 1), scope["quota.request_id"], self.owner,
+                    billing.charged_account_id, max(amount, 1), state.request_id, self.keeper.owner,
                     self.hold_ttl_ms, key.id, limits.max_concurrent,
                 )  # fmt: skip
             except InsufficientFunds as short:
@@ -171,7 +177,7 @@ class AgentApi:
                 error.headers.append((b"retry-after", b"1"))
                 raise error from None
             else:
-                scope["quota.log"]["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                state.log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
                 request.output_cap = cap
                 return hold_id
             if not self.overdraft_cap:
@@ -195,16 +201,22 @@ class _Exchange:
     """One forwarded request: the upstream call, the relay, and the settlement."""
 
     def __init__(
-        self, api: AgentApi, scope: Scope, request: AgentRequest, billing: Billing, key_id: int, hold_id: int
+        self,
+        api: AgentApi,
+        state: RequestState,
+        request: AgentRequest,
+        billing: Billing,
+        key_id: int,
+        hold_id: int,
     ) -> None:
         self.api = api
-        self.scope = scope
+        self.state = state
         self.request = request
         self.billing = billing
         self.key_id = key_id
         self.hold_id = hold_id
         self.status = 0
-        self.outcome = "failed"
+        self.outcome = Outcome.FAILED
         self.usage: _Usage | None = None
         self.meter: StreamMeter | None = None
         self.upstream_model = request.route.model
@@ -269,11 +281,11 @@ class _Exchange:
             watcher.remove_done_callback(on_receive)
             watcher.cancel()
         if left:
-            self.outcome = "client_disconnected"
+            self.outcome = Outcome.CLIENT_DISCONNECTED
 
     async def _forward(self, send: Send) -> None:
         request = self.request
-        log = self.scope["quota.log"]
+        log = self.state.log
         failure: QuotaError = UpstreamError("The route has no upstream.")
         candidates = request.route.upstreams
         for attempt, upstream in enumerate(candidates, start=1):
@@ -295,35 +307,32 @@ class _Exchange:
                     (upstream.name, f"status_{response.status_code}")
                 )
                 continue
-            self.scope["quota.upstream_started"] = started
             try:
                 if request.stream and response.status_code == 200:
-                    await self._relay_stream(send, response, mode)
+                    await self._relay_stream(send, response, mode, started)
                 else:
-                    await self._relay_whole(send, response, mode, upstream)
+                    await self._relay_whole(send, response, mode, started)
             finally:
                 await response.aclose()
             return
-        self.outcome = "upstream_error"
+        self.outcome = Outcome.UPSTREAM_ERROR
         await self._send_error(send, failure)
 
     async def _send_error(self, send: Send, error: QuotaError) -> None:
         self.status = error.status
-        await error.send(self.scope, _never, send)
+        await send_error(send, error)
 
-    async def _relay_whole(
-        self, send: Send, response: UpstreamResponse, mode: Mode, upstream: Upstream
-    ) -> None:
+    async def _relay_whole(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> None:
         try:
             raw = await response.aread()
         except UpstreamHTTPError as exc:
-            self.outcome = "upstream_error"
+            self.outcome = Outcome.UPSTREAM_ERROR
             await self._send_error(send, translate_exception(exc))
             return
-        _record_upstream_time(self.scope)
+        _record_upstream_time(self.state, started)
         error = translate_status(response)
         if error is not None:
-            self.outcome = "upstream_error"
+            self.outcome = Outcome.UPSTREAM_ERROR
             await self._send_error(send, error)
             return
         status = response.status_code
@@ -331,7 +340,7 @@ class _Exchange:
         if status >= 400:
             # The caller's request was at fault: its body as the upstream sent it, in the
             # caller's dialect when the upstream spoke another one.
-            self.outcome = "upstream_rejected"
+            self.outcome = Outcome.UPSTREAM_REJECTED
             if mode is Mode.TRANSLATED and self.request.protocol is Protocol.MESSAGES:
                 raw = _anthropic_error_from_openai(raw, status)
             await send_bytes(
@@ -343,7 +352,7 @@ class _Exchange:
             if not isinstance(obj, dict):
                 raise ValueError
         except ValueError:
-            self.outcome = "upstream_malformed"
+            self.outcome = Outcome.UPSTREAM_MALFORMED
             await self._send_error(send, UpstreamError("The upstream model server sent a malformed reply."))
             return
         reported, text = whole_usage(self.request.protocol, mode, obj)
@@ -353,18 +362,18 @@ class _Exchange:
             self.request.protocol, mode, obj, self.request.body, usage.buckets,
             self.extension(usage.buckets, usage.estimated),
         )  # fmt: skip
-        self.outcome = "ok"
+        self.outcome = Outcome.OK
         await self.settle_once()
         headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, 200, orjson.dumps(reply), headers)
 
-    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode) -> None:
+    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> None:
         request = self.request
         meter = stream_meter(request.protocol, mode, self.extension, request.body, request.route.model)
         self.meter = meter
         self.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        _record_upstream_time(self.scope)
+        _record_upstream_time(self.state, started)
         first = True
         try:
             async for chunk in response.aiter_raw():
@@ -373,16 +382,15 @@ class _Exchange:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                     if first:
                         first = False
-                        started = self.scope["quota.started"]
-                        self.scope["quota.log"]["ttfb_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                        self.state.log["ttfb_ms"] = round(self.state.elapsed_s * 1000, 3)
         except UpstreamHTTPError as exc:
-            self.outcome = "upstream_broken"
+            self.outcome = Outcome.UPSTREAM_BROKEN
             error = translate_exception(exc)
             if isinstance(exc, ReadTimedOut):
                 error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
             tail = meter.broken(error.code, error.message)
         else:
-            self.outcome = "ok"
+            self.outcome = Outcome.OK
             tail = meter.finish()
             if not meter.final and isinstance(meter, TranslatedMeter):
                 # A translated stream that ended without usage: estimate and close it properly.
@@ -419,20 +427,8 @@ class _Exchange:
         usage = self._final_usage() or _Usage(Buckets(), False)
         billed = self.billable(usage.buckets)
         charged = self.price(usage.buckets)
-        tokens: dict[str, Any] = {"input_tokens": billed.input_total, "output_tokens": billed.output}
-        if "cache_read_tokens" in _SETTLEMENT_FIELDS:  # the store records buckets
-            tokens = {
-                "input_tokens": billed.input,
-                "output_tokens": billed.output,
-                "cache_read_tokens": billed.cache_read,
-                "cache_write_tokens": billed.cache_write_5m,
-                "cache_write_1h_tokens": billed.cache_write_1h,
-                "reasoning_tokens": billed.reasoning,
-            }
-        if "session_id" in _SETTLEMENT_FIELDS:
-            tokens["session_id"] = request.session_id
         settlement = Settlement(
-            request_id=self.scope["quota.request_id"],
+            request_id=self.state.request_id,
             account_id=self.billing.account_id,
             charged_account_id=self.billing.charged_account_id,
             user_id=self.billing.user_id,
@@ -445,9 +441,15 @@ class _Exchange:
             estimated=usage.estimated,
             outcome=self.outcome,
             status=self.status,
-            **tokens,
+            input_tokens=billed.input,  # uncached input only: the other buckets are apart
+            output_tokens=billed.output,
+            cache_read_tokens=billed.cache_read,
+            cache_write_tokens=billed.cache_write_5m,
+            cache_write_1h_tokens=billed.cache_write_1h,
+            reasoning_tokens=billed.reasoning,
+            session_id=request.session_id,
         )
-        log = self.scope["quota.log"]
+        log = self.state.log
         log.update(
             input_tokens=billed.input_total,
             output_tokens=billed.output,
@@ -455,7 +457,7 @@ class _Exchange:
             cache_write_tokens=billed.cache_write_5m + billed.cache_write_1h,
             charged=charged,
             estimated=usage.estimated,
-            outcome=self.outcome,
+            outcome=str(self.outcome),
         )
         started = time.perf_counter()
         await self.api.store.settle(settlement)
@@ -483,12 +485,8 @@ def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:
     return orjson.dumps({"type": "error", "error": out})
 
 
-def _record_upstream_time(scope: Scope) -> None:
-    elapsed = time.perf_counter() - scope["quota.upstream_started"]
-    scope["quota.upstream_s"] = elapsed
-    scope["quota.log"]["upstream_ms"] = round(elapsed * 1000, 3)
-
-
-async def _never() -> Message:
-    forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-    return await forever
+def _record_upstream_time(state: RequestState, started: float) -> None:
+    """The upstream's time before the gateway can answer: a whole reply, or a stream's headers."""
+    elapsed = time.perf_counter() - started
+    state.upstream_s = elapsed
+    state.log["upstream_ms"] = round(elapsed * 1000, 3)

@@ -6,6 +6,7 @@ from typing import Any
 
 from quota_proxy.asgi import Scope, Send, send_json
 from quota_proxy.routing import RouteTable
+from quota_proxy.state import caller_key
 from quota_proxy.store import KeyRecord
 
 _EPOCH = "1970-01-01T00:00:00Z"
@@ -37,4 +38,4 @@ def anthropic_model_list(routes: RouteTable, key: KeyRecord) -> dict[str, Any]:
 
 
 async def anthropic_models(routes: RouteTable, scope: Scope, send: Send) -> None:
-    await send_json(send, 200, anthropic_model_list(routes, scope["quota.key"]))
+    await send_json(send, 200, anthropic_model_list(routes, caller_key(scope)))

@@ -5,11 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from quota_proxy.api.common import Services, external_user_id, query, user_view
+from quota_proxy.api.common import Services, external_user_id, query
 from quota_proxy.asgi import Receive, Scope, Send, send_json
 from quota_proxy.errors import UserNotFound
 from quota_proxy.money import format_usd
-from quota_proxy.store import KeyRecord
+from quota_proxy.state import caller_key
+from quota_proxy.store import UsageTotal
+from quota_proxy.views import account_summary, balance_view, key_summary, user_view
 
 USAGE_DAYS = 30
 TOP_USERS = 100  # /v1/me lists the app users who spent most; `quota-proxy usage` lists all
@@ -21,7 +23,7 @@ class AccountApi:
         self.s = services
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         data = [
             {
                 "id": r.alias,
@@ -39,7 +41,7 @@ class AccountApi:
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def balance(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         params = query(scope)
         money = self.s.money
         if "external_user_id" in params:
@@ -50,59 +52,37 @@ class AccountApi:
             return
         account = await self.s.store.account(key.account_id)
         assert account is not None
-        await send_json(
-            send,
-            200,
-            {
-                "object": "balance",
-                "account": account.name,
-                "balance": money.usd(account.balance),
-                "balance_quota_tokens": account.balance,
-                "held_quota_tokens": account.held,
-                "available": money.usd(account.available),
-                "available_quota_tokens": account.available,
-            },
-        )
+        await send_json(send, 200, balance_view(account, money))
 
     async def me(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         money = self.s.money
         account = await self.s.store.account(key.account_id)
         assert account is not None
         summary = await self.s.store.usage_summary(key.account_id, USAGE_DAYS, TOP_USERS)
         total = _Totals()
-        for row in summary["by_route"]:
-            total.add(*row[1:])
+        for row in summary.by_route:
+            total.add(row)
 
-        def view(rows: list[tuple[Any, ...]], name: str) -> list[dict[str, Any]]:
-            return [{name: row[0], **_Totals(*row[1:]).view(money)} for row in rows]
+        def view(rows: tuple[UsageTotal, ...], name: str) -> list[dict[str, Any]]:
+            return [
+                {name: r.name, **_Totals.of(r).view(money)}
+                for r in rows
+            ]
 
         await send_json(
             send,
             200,
             {
                 "object": "me",
-                "account": {
-                    "id": account.public_id,
-                    "name": account.name,
-                    "balance": money.usd(account.balance),
-                    "balance_quota_tokens": account.balance,
-                    "available_quota_tokens": account.available,
-                },
-                "key": {
-                    "id": key.public_id,
-                    "prefix": key.prefix,
-                    "kind": key.kind,
-                    "name": key.name,
-                    "routes": list(key.routes) if key.routes is not None else None,
-                    "allow_community": key.allow_community,
-                },
+                "account": account_summary(account, money),
+                "key": key_summary(key),
                 "usage": {
                     "days": USAGE_DAYS,
                     **total.view(money),
-                    "by_route": view(summary["by_route"], "route"),
-                    "by_day": view(summary["by_day"], "day"),
-                    "by_user": view(summary["by_user"], "external_user_id"),
+                    "by_route": view(summary.by_route, "route"),
+                    "by_day": view(summary.by_day, "day"),
+                    "by_user": view(summary.by_user, "external_user_id"),
                     "by_user_limit": TOP_USERS,
                 },
             },
@@ -133,22 +113,37 @@ class AccountApi:
 
 
 class _Totals:
-    __slots__ = ("requests", "input_tokens", "output_tokens", "charged")
+    """Usage sums; input_tokens is uncached input, the cache buckets are apart from it, and
+    reasoning is part of output (shown for information)."""
 
-    def __init__(self, requests: int = 0, inp: int = 0, out: int = 0, charged: int = 0) -> None:
-        self.requests, self.input_tokens, self.output_tokens, self.charged = requests, inp, out, charged
+    FIELDS = (
+        "requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+        "cache_write_1h_tokens", "reasoning_tokens", "charged",
+    )  # fmt: skip
+    __slots__ = FIELDS
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
+    reasoning_tokens: int
+    charged: int
 
-    def add(self, requests: int, inp: int, out: int, charged: int) -> None:
-        self.requests += requests
-        self.input_tokens += inp
-        self.output_tokens += out
-        self.charged += charged
+    def __init__(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    @classmethod
+    def of(cls, row: UsageTotal) -> _Totals:
+        totals = cls()
+        totals.add(row)
+        return totals
+
+    def add(self, row: UsageTotal) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(row, name))
 
     def view(self, money: Any) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "charged_quota_tokens": self.charged,
-            "charged": money.usd(self.charged),
-        }
+        out = {name: getattr(self, name) for name in self.FIELDS if name != "charged"}
+        return {**out, "charged_quota_tokens": self.charged, "charged": money.usd(self.charged)}
