@@ -35,7 +35,13 @@ from quota_proxy.state import Billing, RequestState, caller_key, request_state
 from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
 from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
-from quota_proxy.upstream import relay_headers, translate_exception, translate_status
+from quota_proxy.upstream import (
+    MALFORMED,
+    looks_like_event_stream,
+    relay_headers,
+    translate_exception,
+    translate_status,
+)
 from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
 HOLD_ATTEMPTS = 3
@@ -287,6 +293,7 @@ class _Exchange:
         request = self.request
         log = self.state.log
         failure: QuotaError = UpstreamError("The route has no upstream.")
+        failed = Outcome.UPSTREAM_ERROR
         candidates = request.route.upstreams
         for attempt, upstream in enumerate(candidates, start=1):
             last = attempt == len(candidates)
@@ -309,13 +316,22 @@ class _Exchange:
                 continue
             try:
                 if request.stream and response.status_code == 200:
-                    await self._relay_stream(send, response, mode, started)
+                    try:
+                        relayed = await self._relay_stream(send, response, mode, started)
+                    except UpstreamHTTPError as exc:  # it broke before its first bytes
+                        failure, failed, relayed = translate_exception(exc), Outcome.UPSTREAM_ERROR, False
+                    else:
+                        failure, failed = UpstreamError(MALFORMED), Outcome.UPSTREAM_MALFORMED
+                    if not relayed:
+                        # Nothing was sent yet: the next upstream may still answer.
+                        log.setdefault("upstream_errors", []).append((upstream.name, "not_an_event_stream"))
+                        continue
                 else:
                     await self._relay_whole(send, response, mode, started)
             finally:
                 await response.aclose()
             return
-        self.outcome = Outcome.UPSTREAM_ERROR
+        self.outcome = failed
         await self._send_error(send, failure)
 
     async def _send_error(self, send: Send, error: QuotaError) -> None:
@@ -367,22 +383,32 @@ class _Exchange:
         headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, 200, orjson.dumps(reply), headers)
 
-    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> None:
+    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> bool:
+        """Relay the event stream as it arrives; False (nothing sent) if its first bytes show
+        it is not one (an HTML error page from a proxy in between, a JSON body)."""
         request = self.request
+        chunks = response.aiter_raw()
+        first = b""
+        async for chunk in chunks:
+            if chunk:
+                first = chunk
+                break
+        _record_upstream_time(self.state, started)
+        if not looks_like_event_stream(response.header(b"content-type"), first):
+            return False
         meter = stream_meter(request.protocol, mode, self.extension, request.body, request.route.model)
         self.meter = meter
         self.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        _record_upstream_time(self.state, started)
-        first = True
+        self.state.log["ttfb_ms"] = round(self.state.elapsed_s * 1000, 3)
         try:
-            async for chunk in response.aiter_raw():
+            out = meter.feed(first)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            async for chunk in chunks:
                 out = meter.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if first:
-                        first = False
-                        self.state.log["ttfb_ms"] = round(self.state.elapsed_s * 1000, 3)
         except UpstreamHTTPError as exc:
             self.outcome = Outcome.UPSTREAM_BROKEN
             error = translate_exception(exc)
@@ -399,6 +425,7 @@ class _Exchange:
                 tail += meter.translator.finish(estimated, self.extension(estimated, True))
         await self.settle_once()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return True
 
     # ---- settlement ----------------------------------------------------------------------
 
