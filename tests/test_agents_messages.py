@@ -9,6 +9,7 @@ from typing import Any
 import anthropic
 import anyio
 import httpx
+import orjson
 import pytest
 
 from quota_proxy.testing import RunningUpstream
@@ -270,6 +271,9 @@ async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
         assert "authorization" not in sent.headers and "x-api-key" not in sent.headers  # no key configured
         row = request_row(gw, reply.headers["x-quota-request-id"])
         assert row["session_id"] == "sess-1" and row["route"] == "quota/claude"
+        by_session = orjson.loads(gw.cli("usage", "--account", "acme", "--by", "session", "--json").stdout)
+        assert [(r["session"], r["requests"]) for r in by_session["rows"]] == [("sess-1", 1)]
+        assert by_session["rows"][0]["charged_quota_tokens"] == row["charged"]
         listed = (
             await http.get("/v1/models", headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
         ).json()
