@@ -17,7 +17,7 @@ import orjson
 
 from quota_proxy.agents.request import Mode, Protocol
 from quota_proxy.protocols import anthropic, responses
-from quota_proxy.protocols.chat import read_reply, sse, str_of
+from quota_proxy.protocols.chat import list_of, read_reply, sse, str_of
 from quota_proxy.usage import AnthropicStreamUsage, Buckets, from_anthropic, from_chat, from_responses
 
 # Given the usage so far, the fields our usage extension adds (route multiplier, charge).
@@ -231,10 +231,10 @@ def whole_usage(protocol: Protocol, mode: Mode, obj: dict[str, Any]) -> tuple[Bu
         )
         return from_anthropic(obj.get("usage")), text
     parts: list[str] = []
-    for item in obj.get("output") or ():
+    for item in list_of(obj, "output"):
         if isinstance(item, dict):
             parts.append(str_of(item, "arguments"))
-            for part in item.get("content") or ():
+            for part in list_of(item, "content"):
                 parts.append(str_of(part, "text") if isinstance(part, dict) else "")
     return from_responses(obj.get("usage")), "".join(parts)
 

@@ -46,6 +46,12 @@ def field_of(obj: Any, name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def list_of(obj: Any, name: str) -> list[Any]:
+    """obj[name] when it is a JSON array, else an empty one."""
+    value = obj.get(name) if isinstance(obj, dict) else None
+    return value if isinstance(value, list) else []
+
+
 def str_of(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name)
     return value if isinstance(value, str) else ""
@@ -57,7 +63,7 @@ def read_reply(obj: dict[str, Any]) -> ChatReply:
     message = field_of(choice, "message")
     text = str_of(message, "content")
     calls = []
-    for raw in message.get("tool_calls") or ():
+    for raw in list_of(message, "tool_calls"):
         fn = raw.get("function") if isinstance(raw, dict) else None
         if isinstance(fn, dict):
             args = fn.get("arguments")
@@ -106,7 +112,7 @@ class ChatStreamReader:
         usage = from_chat(chunk.get("usage"))
         if usage is not None:
             facts.usage = usage
-        for choice in chunk.get("choices") or ():
+        for choice in list_of(chunk, "choices"):
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = field_of(choice, "delta")
@@ -116,7 +122,7 @@ class ChatStreamReader:
             for name in ("reasoning_content", "reasoning"):
                 if isinstance(delta.get(name), str):
                     self.delivered.append(delta[name])
-            for raw in delta.get("tool_calls") or ():
+            for raw in list_of(delta, "tool_calls"):
                 if not isinstance(raw, dict):
                     continue
                 index = raw.get("index", 0)
