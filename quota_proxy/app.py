@@ -37,7 +37,8 @@ from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json"})
+# /api/hello: Claude Code's reachability probe of its base URL (HEAD and GET).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json", "/api/hello"})
 
 
 class Gateway:
@@ -84,6 +85,7 @@ class Gateway:
             "/readyz": {"GET": ops.readyz},
             "/metrics": {"GET": ops.metrics},
             "/openapi.json": {"GET": ops.openapi},
+            "/api/hello": {"GET": agents.hello, "HEAD": agents.hello},
         }
         self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {

@@ -282,6 +282,9 @@ async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
         assert listed["has_more"] is False and listed["data"][0]["type"] == "model"
         openai_shape = (await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})).json()
         assert openai_shape["object"] == "list"
+        # Claude Code's reachability probe needs no key.
+        assert (await http.head("/api/hello")).status_code == 200
+        assert (await http.get("/api/hello")).json() == {"status": "ok"}
 
 
 async def test_disconnect_mid_stream_stops_the_upstream_and_charges_what_was_sent(gw: GatewayHarness) -> None:

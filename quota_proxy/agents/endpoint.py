@@ -75,6 +75,10 @@ class AgentApi:
         self.overdraft_cap = settings.billing.overdraft == "cap"
         self.hold_ttl_ms = settings.billing.hold_ttl_s * 1000
 
+    async def hello(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Claude Code probes ``{ANTHROPIC_BASE_URL}/api/hello`` before it starts."""
+        await send_bytes(send, 200, b'{"status":"ok"}')
+
     async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._serve(scope, receive, send, Protocol.MESSAGES)
 
