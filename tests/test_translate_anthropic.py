@@ -247,3 +247,31 @@ def test_stream_usage_override_and_empty_stream() -> None:
     assert events[0]["message"]["model"] == "fallback"
     assert events[1]["usage"]["input_tokens"] == 3
     assert events[1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_tool_result_images_follow_the_tool_messages() -> None:
+    shot = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}
+    body = {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "shot:"}, shot]},
+        ]},
+    ]}  # fmt: skip
+    assert tr.to_chat_request(body)["messages"] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "shot:"},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}],
+        },
+    ]
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(8192, 8191), (4000, 3999), (1024, None)])
+def test_a_lowered_cap_lowers_the_thinking_budget(cap: int, expected: int | None) -> None:
+    from quota_proxy.agents.request import _fit_thinking
+
+    body: dict[str, Any] = {"max_tokens": cap, "thinking": {"type": "enabled", "budget_tokens": 31999}}
+    _fit_thinking(body, cap)
+    assert (body["thinking"]["budget_tokens"] if "thinking" in body else None) == expected
+    kept: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 2000}}
+    _fit_thinking(kept, 8192)
+    assert kept["thinking"]["budget_tokens"] == 2000

@@ -76,6 +76,8 @@ class AgentRequest:
             body = dict(self.body)
             body["model"] = self.route.model
             body[self.protocol.cap_field] = self.output_cap
+            if self.protocol is Protocol.MESSAGES:
+                _fit_thinking(body, self.output_cap)
             path = "/messages" if self.protocol is Protocol.MESSAGES else "/responses"
         else:
             if self.chat is None:
@@ -101,6 +103,25 @@ class AgentRequest:
         elif upstream.api_key:
             headers.append((b"authorization", b"Bearer " + upstream.api_key.encode("latin-1")))
         return headers
+
+
+MIN_THINKING_BUDGET = 1024
+
+
+def _fit_thinking(body: dict[str, Any], cap: int) -> None:
+    """Anthropic requires thinking.budget_tokens < max_tokens. When the gateway lowered
+    max_tokens (the route's cap, or what the balance affords), the budget follows it down,
+    and thinking is left out if even the smallest budget no longer fits."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget < cap:
+        return
+    if cap - 1 >= MIN_THINKING_BUDGET:
+        body["thinking"] = {**thinking, "budget_tokens": cap - 1}
+    else:
+        del body["thinking"]
 
 
 def parse(

@@ -114,7 +114,7 @@ def _message(role: str, content: Any) -> list[dict[str, Any]]:
             )
         elif kind == "tool_result" and role == "user":
             result = block.get("content")
-            text = result if isinstance(result, str) else _result_text(result)
+            text = result if isinstance(result, str) else _result_text(result, parts)
             if block.get("is_error") is True:
                 text = "Error: " + text
             out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")), "content": text})
@@ -134,16 +134,23 @@ def _message(role: str, content: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _result_text(result: Any) -> str:
+def _result_text(result: Any, parts: list[dict[str, Any]]) -> str:
+    """A tool result's text. Chat's tool messages carry text only, so its images (a
+    screenshot tool's) join the user message that follows the tool messages."""
     if result is None:
         return ""
     if not isinstance(result, list):
         raise BadRequest("A tool_result's content must be a string or an array of blocks.", param="messages")
+    texts = []
     for block in result:
-        if not isinstance(block, dict) or block.get("type") != "text":
-            kind = block.get("type") if isinstance(block, dict) else None
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"))}})
+        else:
             raise _refuse(f"A {kind!r} block inside a tool_result")
-    return text_of(result)
+    return "".join(texts)
 
 
 def _image_url(source: Any) -> str:
