@@ -29,25 +29,32 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi", "usage", "fake_dialects",
+                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models", "usage",
+                "fake_dialects",
             }
         ),
     ),
     # Settings, the store, ASGI plumbing and the JSON shapes of records.
-    ("core", frozenset({"config", "asgi", "views", "state", "store", "store.sqlite"})),
+    (
+        "core",
+        frozenset({"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite"}),
+    ),
     # Pure translators between Chat Completions and the agent APIs (errors and usage below).
     ("protocols", frozenset({"protocols"})),
-    # One job each on the request path, and the fake upstream the demo serves.
+    # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
-            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream"}
+            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
+             "http_protocol"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
     # Operator actions (the CLI's backend) and what every endpoint shares.
     ("operations", frozenset({"admin", "api.common"})),
-    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "agents"})),
+    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage", "agents"})),
+    # The web dashboard: pages for people over the operations and endpoints below it.
+    ("dashboard", frozenset({"dashboard"})),
     ("app", frozenset({"app"})),
     # Processes and kits: may import anything below.
     ("entry points", frozenset({"", "__main__", "cli", "serve", "demo", "testing"})),

@@ -19,7 +19,7 @@ import orjson
 from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
 from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse
 from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes, send_error
-from quota_proxy.config import Limits, Settings
+from quota_proxy.config import Limits, LiveSettings
 from quota_proxy.errors import (
     BadRequest,
     InsufficientBalance,
@@ -60,20 +60,15 @@ class AgentApi:
         self,
         client: UpstreamClient,
         store: SqliteStore,
-        settings: Settings,
+        live: LiveSettings,
         routes: RouteTable,
         keeper: HoldKeeper,
     ) -> None:
         self.client = client
         self.store = store
+        self.live = live  # read once per request: a reload never mixes two files in one
         self.routes = routes
         self.keeper = keeper  # our holds are its owner's, refreshed while we serve
-        self.configure(settings)
-
-    def configure(self, settings: Settings) -> None:
-        self.max_body = settings.server.max_body_bytes
-        self.overdraft_cap = settings.billing.overdraft == "cap"
-        self.hold_ttl_ms = settings.billing.hold_ttl_s * 1000
 
     async def hello(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Claude Code probes ``{ANTHROPIC_BASE_URL}/api/hello`` before it starts."""
@@ -88,7 +83,7 @@ class AgentApi:
     async def _parse(
         self, scope: Scope, receive: Receive, protocol: Protocol, counting: bool = False
     ) -> AgentRequest:
-        body = await read_body(scope, receive, self.max_body)
+        body = await read_body(scope, receive, self.live.current.server.max_body_bytes)
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -168,6 +163,8 @@ class AgentApi:
     ) -> int:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
         route = request.route
+        billing_settings = self.live.current.billing
+        overdraft_cap = billing_settings.overdraft == "cap"
         mult, weights = route.multiplier.value, route.weights
         estimate = request.prompt_estimate
         cap = request.output_cap
@@ -178,7 +175,7 @@ class AgentApi:
             try:
                 hold_id = await self.store.take_hold(
                     billing.charged_account_id, max(amount, 1), state.request_id, self.keeper.owner,
-                    self.hold_ttl_ms, key.id, limits.max_concurrent,
+                    billing_settings.hold_ttl_s * 1000, key.id, limits.max_concurrent,
                 )  # fmt: skip
             except InsufficientFunds as short:
                 available = short.available
@@ -190,12 +187,12 @@ class AgentApi:
                 state.log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
                 request.output_cap = cap
                 return hold_id
-            if not self.overdraft_cap:
+            if not overdraft_cap:
                 break
             cap = min(cap, affordable_output(available, estimate, mult, weights))
             if cap < 1:
                 break
-        least = 1 if self.overdraft_cap else request.output_cap
+        least = 1 if overdraft_cap else request.output_cap
         raise InsufficientBalance(
             required=max(worst_case_hold(estimate, least, mult, weights), 1), available=available
         )
