@@ -282,6 +282,9 @@ async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
         assert listed["has_more"] is False and listed["data"][0]["type"] == "model"
         openai_shape = (await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})).json()
         assert openai_shape["object"] == "list"
+        alias = {m["id"]: m.get("route") for m in openai_shape["data"]}
+        assert alias["quota/claude"] is None and alias["claude-haiku-4-5"] == "quota/claude"
+        assert "claude-sonnet-*" not in alias
         # Claude Code's reachability probe needs no key.
         assert (await http.head("/api/hello")).status_code == 200
         assert (await http.get("/api/hello")).json() == {"status": "ok"}

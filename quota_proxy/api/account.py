@@ -24,9 +24,10 @@ class AccountApi:
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = caller_key(scope)
+        # Each alias, then each literal name in its `match` list (patterns cannot be listed).
         data = [
             {
-                "id": r.alias,
+                "id": name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "quota-proxy",
@@ -35,8 +36,10 @@ class AccountApi:
                 "streaming": r.stream,
                 "tier": r.tier,
                 "max_output_tokens": r.max_output_tokens,
+                **({} if name == r.alias else {"route": r.alias}),
             }
             for r in self.s.routes.visible_to(key)
+            for name in (r.alias, *(m for m in r.match if not any(c in m for c in "*?[")))
         ]
         await send_json(send, 200, {"object": "list", "data": data})
 
