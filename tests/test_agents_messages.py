@@ -387,3 +387,37 @@ async def test_native_stream_broken_mid_way_ends_with_an_error_event(gw: Gateway
             model="quota/opus", max_tokens=5, messages=MESSAGES, stream=True
         )
     assert refused.value.body["error"]["code"] == "stream_not_supported"  # type: ignore[index]
+
+
+async def test_a_200_that_is_not_an_event_stream_falls_back(
+    make_gateway: GatewayFactory, upstream: RunningUpstream
+) -> None:
+    # An upstream whose every POST is answered 200 with a JSON body (the fake's reset endpoint).
+    routes = (
+        extra_config(upstream.base_url)
+        + f"""
+[upstreams.not-a-stream]
+base_url = "{upstream.url}/_fake/reset?path="
+api = "anthropic"
+[routes."quota/falls-back"]
+upstreams = ["not-a-stream", "claude"]
+model = "fake-claude"
+[routes."quota/only-bad"]
+upstream = "not-a-stream"
+model = "fake-claude"
+"""
+    )
+    gw: GatewayHarness = await make_gateway(routes=routes)
+    await gw.account("acme", FUNDS)
+    client = claude(gw, await gw.key())
+    async with client.messages.stream(model="quota/falls-back", max_tokens=5, messages=MESSAGES) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "text" and final.usage.output_tokens == 5
+    assert [r.path for r in upstream.app.requests] == ["/v1/messages"]
+    charged = await spent(gw)
+    assert charged == 1 * (MESSAGES_PROMPT - 2 + 5)  # no system prompt here (its 2 words)
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        async with client.messages.stream(model="quota/only-bad", max_tokens=5, messages=MESSAGES) as stream:
+            await stream.get_final_message()
+    assert failed.value.status_code == 502
+    assert await spent(gw) == charged
