@@ -243,6 +243,12 @@ async def test_count_tokens_never_changes_a_balance(gw: GatewayHarness) -> None:
     assert native.input_tokens == MESSAGES_PROMPT  # the upstream's own count
     estimated = await client.messages.count_tokens(model="quota/sonnet", system=SYSTEM, messages=MESSAGES)
     assert estimated.input_tokens > 0  # the estimator's
+    # An Anthropic-speaking server without the endpoint (404) or failing: the estimator answers.
+    for fail in ("status:404", "status:500"):
+        fallback = await client.messages.count_tokens(
+            model="quota/claude", system=SYSTEM, messages=MESSAGES, extra_body={"fake": {"fail": fail}}
+        )
+        assert fallback.input_tokens == estimated.input_tokens
     assert await spent(gw) == 0
     assert request_count(gw) == 0
 

@@ -28,10 +28,6 @@ from quota_proxy.http_client import UpstreamClient, UpstreamHTTPError
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, RequestState, caller_key, request_state
 from quota_proxy.store import InsufficientFunds, KeyRecord, SqliteStore, TooManyInFlight
-from quota_proxy.upstream import (
-    translate_exception,
-    translate_status,
-)
 from quota_proxy.usage import affordable_output, worst_case_hold
 
 HOLD_ATTEMPTS = 3
@@ -77,34 +73,45 @@ class AgentApi:
         return parse(scope, payload, lambda model: self.routes.resolve(model, key), protocol, counting)
 
     async def count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Anthropic's token counter: the upstream's own answer when it speaks Messages, else
-        the estimator's. Never held, never billed."""
+        """Anthropic's token counter: the upstream's own answer when it speaks Messages and
+        has the endpoint, else the estimator's. Never held, never billed."""
         request = await self._parse(scope, receive, Protocol.MESSAGES, counting=True)
         request_state(scope).log["route"] = request.route.alias
+        counted = await self._upstream_count(request)
+        if counted is None:
+            counted = orjson.dumps({"input_tokens": request.prompt_estimate})
+        await send_bytes(send, 200, counted)
+
+    async def _upstream_count(self, request: AgentRequest) -> bytes | None:
+        """The upstream's count_tokens answer, or None when it has none to give (it does not
+        speak Messages, lacks the endpoint, or fails): the caller still gets a count."""
         upstream = request.route.upstream
-        if upstream.api == "anthropic":
-            body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
-            body["model"] = request.route.model
-            url = upstream.base_url + "/messages/count_tokens"
-            if request.query:
-                url += "?" + request.query.decode("latin-1")
+        if upstream.api != "anthropic":
+            return None
+        body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
+        body["model"] = request.route.model
+        url = upstream.base_url + "/messages/count_tokens"
+        if request.query:
+            url += "?" + request.query.decode("latin-1")
+        try:
+            response = await self.client.send(
+                url, orjson.dumps(body), request.headers_for(upstream, Mode.NATIVE),
+                timeout=upstream.timeout_s, connect_timeout=upstream.connect_timeout_s,
+            )  # fmt: skip
             try:
-                response = await self.client.send(
-                    url, orjson.dumps(body), request.headers_for(upstream, Mode.NATIVE),
-                    timeout=upstream.timeout_s, connect_timeout=upstream.connect_timeout_s,
-                )  # fmt: skip
-                try:
-                    raw = await response.aread()
-                finally:
-                    await response.aclose()
-            except UpstreamHTTPError as exc:
-                raise translate_exception(exc) from None
-            error = translate_status(response)
-            if error is not None:
-                raise error
-            await send_bytes(send, response.status_code, raw)
-            return
-        await send_bytes(send, 200, orjson.dumps({"input_tokens": request.prompt_estimate}))
+                raw = await response.aread()
+            finally:
+                await response.aclose()
+        except UpstreamHTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        ok = isinstance(answer, dict) and isinstance(answer.get("input_tokens"), int)
+        return raw if ok else None
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, protocol: Protocol) -> None:
         request = await self._parse(scope, receive, protocol)
