@@ -33,6 +33,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
 SECURE_COOKIES = ("auto", "always", "never")
 UPSTREAM_APIS = ("openai", "anthropic")
+UPSTREAM_AUTH = ("auto", "bearer", "x-api-key")
 
 
 class ConfigError(Exception):
@@ -121,6 +122,9 @@ class Upstream:
     # responses = true) or "anthropic" (the Messages API, authenticated by x-api-key).
     api: Annotated[str, Rule(choices=UPSTREAM_APIS)] = "openai"
     responses: bool = False
+    # How the key is sent: "auto" is Bearer for "openai", x-api-key for "anthropic" (an
+    # open-weight server's Messages endpoint may want Bearer instead).
+    auth: Annotated[str, Rule(choices=UPSTREAM_AUTH)] = "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -341,6 +341,14 @@ model = "m"
 [routes."quota/keyed-chat"]
 upstream = "keyed-chat"
 model = "m"
+[upstreams.bearer-claude]
+base_url = "{upstream.base_url}"
+api = "anthropic"
+auth = "bearer"
+api_key_env = "QP_TEST_UPSTREAM_KEY"
+[routes."quota/bearer-claude"]
+upstream = "bearer-claude"
+model = "m"
 """
     gw: GatewayHarness = await make_gateway(routes=keyed)
     await gw.account("acme", FUNDS)
@@ -355,6 +363,10 @@ model = "m"
         sent = upstream.app.requests[-1].headers
         assert sent["authorization"] == "Bearer sekrit" and "x-api-key" not in sent
         assert "anthropic-version" not in sent
+        await client.messages.create(model="quota/bearer-claude", max_tokens=5, messages=MESSAGES)
+        sent = upstream.app.requests[-1].headers
+        assert sent["authorization"] == "Bearer sekrit" and "x-api-key" not in sent
+        assert sent["anthropic-version"]
     finally:
         upstream.app.options.api_key = None
 

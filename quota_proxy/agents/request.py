@@ -98,10 +98,10 @@ class AgentRequest:
             headers.extend(self.passed_headers)
             if not any(k == b"anthropic-version" for k, _ in self.passed_headers):
                 headers.append((b"anthropic-version", ANTHROPIC_VERSION))
-            if upstream.api_key:
-                headers.append((b"x-api-key", upstream.api_key.encode("latin-1")))
-        elif upstream.api_key:
-            headers.append((b"authorization", b"Bearer " + upstream.api_key.encode("latin-1")))
+        if upstream.api_key:
+            key = upstream.api_key.encode("latin-1")
+            x_api_key = upstream.auth == "x-api-key" or (upstream.auth == "auto" and upstream.api == "anthropic")
+            headers.append((b"x-api-key", key) if x_api_key else (b"authorization", b"Bearer " + key))
         return headers
 
 
