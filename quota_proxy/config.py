@@ -122,6 +122,7 @@ class Upstream:
     # responses = true) or "anthropic" (the Messages API, authenticated by x-api-key).
     api: Annotated[str, Rule(choices=UPSTREAM_APIS)] = "openai"
     responses: bool = False
+    messages: bool = False  # an "openai" upstream that serves the Messages API too (vLLM, SGLang)
     # How the key is sent: "auto" is Bearer for "openai", x-api-key for "anthropic" (an
     # open-weight server's Messages endpoint may want Bearer instead).
     auth: Annotated[str, Rule(choices=UPSTREAM_AUTH)] = "auto"

@@ -56,6 +56,16 @@ timeout_s = 5
 base_url = "{base_url}"
 responses = true
 timeout_s = 5
+[upstreams.all-three]
+base_url = "{base_url}"
+responses = true
+messages = true
+timeout_s = 5
+[routes."quota/vllm"]
+upstream = "all-three"
+model = "fake-vllm"
+multiplier = 3
+max_output_tokens = 64
 [routes."quota/claude"]
 upstream = "claude"
 model = "fake-claude"

@@ -95,7 +95,8 @@ async def gw(make_gateway: GatewayFactory, upstream: RunningUpstream) -> Gateway
     return harness
 
 
-@pytest.mark.parametrize("model", ["claude-sonnet-4-5-20250929", "quota/sonnet"])  # native, translated
+# native (x-api-key upstream), native (an upstream serving all three APIs), translated
+@pytest.mark.parametrize("model", ["claude-sonnet-4-5-20250929", "quota/vllm", "quota/sonnet"])
 async def test_a_claude_code_turn(gw: GatewayHarness, model: str) -> None:
     key = await gw.key()
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
@@ -109,7 +110,7 @@ async def test_a_claude_code_turn(gw: GatewayHarness, model: str) -> None:
     final = stream[-2][1]
     assert final["type"] == "message_delta" and final["usage"]["charged_quota_tokens"] > 0
     sent = gw.upstream.app.requests[-1]
-    if model.startswith("claude"):
+    if model != "quota/sonnet":
         assert sent.path == "/v1/messages" and sent.query == "beta=true"
         assert sent.headers["anthropic-beta"] == CLAUDE_CODE_HEADERS["anthropic-beta"]
         # quota/claude caps output at 64: max_tokens and the thinking budget come down with it,
@@ -124,7 +125,7 @@ async def test_a_claude_code_turn(gw: GatewayHarness, model: str) -> None:
     assert row["session_id"] == "cc-session-7" and row["charged"] == final["usage"]["charged_quota_tokens"]
 
 
-@pytest.mark.parametrize("model", ["quota/codex", "quota/sonnet"])  # native, translated
+@pytest.mark.parametrize("model", ["quota/codex", "quota/vllm", "quota/sonnet"])  # native, native, translated
 async def test_a_codex_turn(gw: GatewayHarness, model: str) -> None:
     key = await gw.key()
     headers = {"authorization": f"Bearer {key}", "session_id": "codex-9", "originator": "codex_cli_rs"}
@@ -137,7 +138,7 @@ async def test_a_codex_turn(gw: GatewayHarness, model: str) -> None:
     usage = stream[-1][1]["response"]["usage"]
     assert usage["charged_quota_tokens"] == 3 * (usage["input_tokens"] + usage["output_tokens"])
     sent = gw.upstream.app.requests[-1]
-    if model == "quota/codex":
+    if model != "quota/sonnet":
         assert sent.body["store"] is False and sent.body["input"] == codex_body(model)["input"]
     else:
         roles = [m["role"] for m in sent.body["messages"]]

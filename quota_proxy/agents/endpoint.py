@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from quota_proxy.agents.exchange import Exchange
-from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse
+from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse, speaks
 from quota_proxy.asgi import Receive, Scope, Send, read_body, send_bytes
 from quota_proxy.config import Limits, LiveSettings
 from quota_proxy.errors import (
@@ -86,7 +86,7 @@ class AgentApi:
         """The upstream's count_tokens answer, or None when it has none to give (it does not
         speak Messages, lacks the endpoint, or fails): the caller still gets a count."""
         upstream = request.route.upstream
-        if upstream.api != "anthropic":
+        if not speaks(upstream, Protocol.MESSAGES):
             return None
         body = {k: v for k, v in request.body.items() if k not in ("max_tokens", "stream")}
         body["model"] = request.route.model

@@ -40,7 +40,7 @@ class Mode(StrEnum):
 
 def speaks(upstream: Upstream, protocol: Protocol) -> bool:
     if protocol is Protocol.MESSAGES:
-        return upstream.api == "anthropic"
+        return upstream.api == "anthropic" or upstream.messages
     return upstream.api == "openai" and upstream.responses
 
 
@@ -94,7 +94,7 @@ class AgentRequest:
 
     def headers_for(self, upstream: Upstream, mode: Mode) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
-        if upstream.api == "anthropic":
+        if mode is Mode.NATIVE and self.protocol is Protocol.MESSAGES:
             headers.extend(self.passed_headers)
             if not any(k == b"anthropic-version" for k, _ in self.passed_headers):
                 headers.append((b"anthropic-version", ANTHROPIC_VERSION))
