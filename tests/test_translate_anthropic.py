@@ -275,3 +275,32 @@ def test_a_lowered_cap_lowers_the_thinking_budget(cap: int, expected: int | None
     kept: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 2000}}
     _fit_thinking(kept, 8192)
     assert kept["thinking"]["budget_tokens"] == 2000
+
+
+def test_reasoning_content_becomes_a_thinking_block() -> None:
+    t = tr.StreamTranslator()
+    out = b"".join(
+        [
+            t.feed(chunk({"reasoning_content": "Let me "})),
+            t.feed(chunk({"reasoning_content": "think."})),
+            t.feed(chunk({"content": "Done."})),
+            t.feed(chunk({}, "stop")),
+            t.finish(),
+        ]
+    )
+    events = parse(out)
+    typed = [EVENTS.validate_python(e) for e in events]
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    assert starts == ["thinking", "text"]
+    thinking = "".join(
+        e.delta.thinking
+        for e in typed
+        if e.type == "content_block_delta" and e.delta.type == "thinking_delta"
+    )
+    assert thinking == "Let me think."
+    whole = tr.from_chat_response(
+        {"choices": [{"message": {"content": "Done.", "reasoning_content": "Hmm."}, "finish_reason": "stop"}]}
+    )
+    message = Message.model_validate(whole)
+    assert message.content[0].type == "thinking" and message.content[0].thinking == "Hmm."
+    assert message.content[1].type == "text"

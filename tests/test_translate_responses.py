@@ -190,3 +190,33 @@ def test_stream_cut_by_length_is_incomplete_and_failed_is_terminal() -> None:
     assert events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"] == {"code": "upstream_error", "message": "gone"}
     assert broken.finish() == b""
+
+
+def test_reasoning_content_becomes_a_reasoning_item() -> None:
+    t = tr.StreamTranslator({})
+    out = b"".join(
+        [
+            t.feed(chunk({"reasoning": "Think "})),
+            t.feed(chunk({"reasoning": "hard."})),
+            t.feed(chunk({"content": "Answer."})),
+            t.feed(chunk({}, "stop")),
+            t.feed(chunk({}, usage={"prompt_tokens": 5, "completion_tokens": 9,
+                                    "completion_tokens_details": {"reasoning_tokens": 4}})),
+            t.finish(),
+        ]
+    )  # fmt: skip
+    events = parse(out)
+    for event in events:
+        EVENTS.validate_python(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    done = Response.model_validate(events[-1]["response"])
+    reasoning, message = done.output
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "Think hard."
+    assert message.type == "message" and done.output_text == "Answer."
+    assert [e["output_index"] for e in events if e["type"] == "response.output_item.added"] == [0, 1]
+    assert done.usage is not None and done.usage.output_tokens_details.reasoning_tokens == 4
+    whole = tr.from_chat_response(
+        {"choices": [{"message": {"content": "A.", "reasoning_content": "R."}, "finish_reason": "stop"}]}, {}
+    )
+    assert [item["type"] for item in whole["output"]] == ["reasoning", "message"]

@@ -3,7 +3,8 @@
 Translated: system prompts (string or text blocks), multi-turn text, images (base64 and
 URL sources), tool definitions and ``tool_choice``, ``tool_use`` and ``tool_result``
 blocks, stop sequences, temperature/top_p, ``metadata.user_id``, stop reasons, and the
-stream (text and tool-input deltas, the final usage).
+stream (text and tool-input deltas, the final usage). A Chat server's
+``reasoning_content`` comes back as an unsigned ``thinking`` block.
 
 Not translated, and refused with a 400 naming it: ``document``, ``search_result``,
 ``server_tool_use``/``web_search_tool_result``, ``container_upload`` and other blocks a Chat
@@ -207,6 +208,10 @@ def from_chat_response(obj: dict[str, Any], usage: Buckets | None = None) -> dic
     """A whole chat completion as a Messages response; ``usage`` overrides the chat usage."""
     reply = read_reply(obj)
     content: list[dict[str, Any]] = []
+    if reply.reasoning:
+        # A Chat server's reasoning, as a thinking block. It has no signature: sent back on a
+        # translated route it is dropped, as every earlier thinking block is.
+        content.append({"type": "thinking", "thinking": reply.reasoning, "signature": ""})
     if reply.text:
         content.append({"type": "text", "text": reply.text})
     for call in reply.tool_calls:
@@ -274,6 +279,16 @@ class StreamTranslator:
     def feed(self, chunk: dict[str, Any]) -> bytes:
         facts = self.reader.read(chunk)
         out = self._start()
+        if facts.reasoning:
+            if self.block < 0 or self.block_kind != "thinking":
+                out += self._open({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
+            delta = {"type": "thinking_delta", "thinking": facts.reasoning}
+            out.append(
+                sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": self.block, "delta": delta},
+                )
+            )
         if facts.text:
             if self.block < 0 or self.block_kind != "text":
                 out += self._open({"type": "text", "text": ""}, "text")

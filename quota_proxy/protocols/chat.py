@@ -38,6 +38,10 @@ class ChatReply:
     tool_calls: list[ToolCall]
     finish_reason: str | None
     usage: Buckets | None
+    reasoning: str = ""  # a reasoning server's reasoning_content (vLLM, SGLang, DeepSeek)
+
+
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 def field_of(obj: Any, name: str) -> dict[str, Any]:
@@ -81,6 +85,7 @@ def read_reply(obj: dict[str, Any]) -> ChatReply:
         tool_calls=calls,
         finish_reason=finish if isinstance(finish, str) else None,
         usage=from_chat(obj.get("usage")),
+        reasoning="".join(str_of(message, name) for name in REASONING_FIELDS),
     )
 
 
@@ -90,6 +95,7 @@ class StreamFacts:
     (chat tool index, the call if this piece starts it, an arguments fragment)."""
 
     text: str = ""
+    reasoning: str = ""
     tools: list[tuple[int, ToolCall | None, str]] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Buckets | None = None
@@ -119,8 +125,9 @@ class ChatStreamReader:
             if isinstance(delta.get("content"), str):
                 facts.text += delta["content"]
                 self.delivered.append(delta["content"])
-            for name in ("reasoning_content", "reasoning"):
+            for name in REASONING_FIELDS:
                 if isinstance(delta.get(name), str):
+                    facts.reasoning += delta[name]
                     self.delivered.append(delta[name])
             for raw in list_of(delta, "tool_calls"):
                 if not isinstance(raw, dict):

@@ -185,6 +185,12 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A Chat server's reasoning_content as a reasoning item (its text, no summary)."""
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
 def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
     return {
         "type": "function_call",
@@ -241,6 +247,8 @@ def from_chat_response(
     """A whole chat completion as a Responses object."""
     reply = read_reply(obj)
     output: list[dict[str, Any]] = []
+    if reply.reasoning:
+        output.append(_reasoning_item(new_id("rs_"), reply.reasoning, "completed"))
     if reply.text:
         output.append(_message_item(new_id("msg_"), reply.text, "completed"))
     for call in reply.tool_calls:
@@ -263,6 +271,7 @@ class StreamTranslator:
         self.finished = False
         self.output: list[tuple[int, dict[str, Any]]] = []  # finished items, by output index
         self.open_text: tuple[int, str, list[str]] | None = None  # output index, item id, pieces
+        self.open_reasoning: tuple[int, str, list[str]] | None = None
         self.calls: dict[int, tuple[int, str, ToolCall]] = {}  # chat index -> (output index, id, call)
         self.open_calls: list[int] = []
         self.finish_reason: str | None = None
@@ -284,7 +293,22 @@ class StreamTranslator:
         ]
 
     def _next_index(self) -> int:
-        return len(self.output) + (1 if self.open_text else 0) + len(self.open_calls)
+        opened = (1 if self.open_text else 0) + (1 if self.open_reasoning else 0)
+        return len(self.output) + opened + len(self.open_calls)
+
+    def _close_reasoning(self) -> list[bytes]:
+        if self.open_reasoning is None:
+            return []
+        index, item_id, pieces = self.open_reasoning
+        self.open_reasoning = None
+        text = "".join(pieces)
+        item = _reasoning_item(item_id, text, "completed")
+        self.output.append((index, item))
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        return [
+            self._event("response.reasoning_text.done", **where, text=text),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
 
     def _close_text(self) -> list[bytes]:
         if self.open_text is None:
@@ -323,9 +347,27 @@ class StreamTranslator:
     def feed(self, chunk: dict[str, Any]) -> bytes:
         facts = self.reader.read(chunk)
         out = self._start()
+        if facts.reasoning:
+            if self.open_reasoning is None:
+                out += self._close_text() + self._close_calls()
+                index, item_id = self._next_index(), new_id("rs_")
+                self.open_reasoning = (index, item_id, [])
+                added = _reasoning_item(item_id, "", "in_progress")
+                out.append(self._event("response.output_item.added", output_index=index, item=added))
+            index, item_id, pieces = self.open_reasoning
+            pieces.append(facts.reasoning)
+            out.append(
+                self._event(
+                    "response.reasoning_text.delta",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    delta=facts.reasoning,
+                )
+            )
         if facts.text:
             if self.open_text is None:
-                out += self._close_calls()
+                out += self._close_reasoning() + self._close_calls()
                 index, item_id = self._next_index(), new_id("msg_")
                 self.open_text = (index, item_id, [])
                 item = _message_item(item_id, "", "in_progress")
@@ -354,7 +396,7 @@ class StreamTranslator:
             )
         for chat_index, call, piece in facts.tools:
             if call is not None:
-                out += self._close_text()
+                out += self._close_reasoning() + self._close_text()
                 index, item_id = self._next_index(), new_id("fc_")
                 self.calls[chat_index] = (index, item_id, call)
                 self.open_calls.append(chat_index)
@@ -388,7 +430,7 @@ class StreamTranslator:
         if self.finished:
             return b""
         self.finished = True
-        out = self._start() + self._close_text() + self._close_calls()
+        out = self._start() + self._close_reasoning() + self._close_text() + self._close_calls()
         status = _status(self.finish_reason)
         items = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
         model = self.reader.model or self.model
@@ -403,7 +445,7 @@ class StreamTranslator:
         if self.finished:
             return b""
         self.finished = True
-        out = self._start() + self._close_text() + self._close_calls()
+        out = self._start() + self._close_reasoning() + self._close_text() + self._close_calls()
         items = [item for _, item in sorted(self.output, key=lambda pair: pair[0])]
         response = _response(
             self.request, self.reader.model or self.model, "failed", items, self.usage, self.id
