@@ -31,6 +31,7 @@ async def test_concurrent_requests_never_overspend(
     native, translated = (
         ("quota/claude", "quota/sonnet") if protocol == "messages" else ("quota/codex", "quota/sonnet")
     )
+    client, oai = claude(gw, key), codex(gw, key)  # one connection pool each, as an agent has
     successes: dict[str, int] = {}
     refused: dict[str, int] = {}
     other: list[Any] = []
@@ -40,7 +41,6 @@ async def test_concurrent_requests_never_overspend(
         stream = i % 2 == 1
         try:
             if protocol == "messages":
-                client = claude(gw, key)
                 if stream:
                     async with client.messages.stream(model=model, max_tokens=CAP, messages=MESSAGES) as s:
                         await s.get_final_message()
@@ -51,7 +51,6 @@ async def test_concurrent_requests_never_overspend(
                     )
                     request_id = raw.headers["x-quota-request-id"]
             else:
-                oai = codex(gw, key)
                 if stream:
                     raw_s = await oai.responses.with_raw_response.create(
                         model=model, input=PROMPT, stream=True
