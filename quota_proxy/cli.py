@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", metavar="EXTERNAL_ID")
 
-    p = cmd("usage", "usage per route and per day")
+    p = cmd("usage", "usage per route and per day, or per agent session")
     p.add_argument("--account", required=True)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--user", metavar="EXTERNAL_ID")
+    p.add_argument("--by", choices=("day", "session"), default="day")
 
     ledger = cmd("ledger", "the audit ledger").add_subparsers(dest="action", required=True, metavar="ACTION")
     p = cmd("list", "an account's ledger, newest first", ledger)
@@ -323,6 +324,22 @@ async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) ->
 @_handles("usage")
 async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
+    buckets = ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
+    if args.by == "session":
+        sessions = await store.usage_by_session(account.id, args.days)
+        data = {
+            "account": account.name,
+            "days": args.days,
+            "by": "session",
+            "rows": [
+                {"session": t.name, "requests": t.requests, "input_tokens": t.input_tokens,
+                 "output_tokens": t.output_tokens, **{b: getattr(t, b) for b in buckets},
+                 "charged_quota_tokens": t.charged, "charged": s.money.usd(t.charged)}
+                for t in sessions
+            ],
+        }
+        return data, lambda d: _table(d["rows"], ["session", "requests", "input_tokens", "cache_read_tokens",
+                                                  "cache_write_tokens", "output_tokens", "charged_quota_tokens"])
     user_id = (await admin.app_user(store, account, args.user)).id if args.user else None
     rows = await store.usage(account.id, args.days, user_id)
     data = {
@@ -331,6 +348,7 @@ async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
         "rows": [
             {"day": r.day, "route": r.route, "user": r.user, "requests": r.requests,
              "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+             **{b: getattr(r, b) for b in buckets},
              "charged_quota_tokens": r.charged, "charged": s.money.usd(r.charged)}
             for r in rows
         ],

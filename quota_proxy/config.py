@@ -24,6 +24,7 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
+from quota_proxy.usage import BucketWeights
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
@@ -31,6 +32,8 @@ OVERDRAFT_MODES = ("cap", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
 SECURE_COOKIES = ("auto", "always", "never")
+UPSTREAM_APIS = ("openai", "anthropic")
+UPSTREAM_AUTH = ("auto", "bearer", "x-api-key")
 
 
 class ConfigError(Exception):
@@ -115,6 +118,14 @@ class Upstream:
     timeout_s: Annotated[float, Rule(positive=True)] = 600.0
     connect_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
     cooldown_s: Annotated[float, Rule(positive=True)] = 30.0
+    # What the upstream speaks: "openai" (Chat Completions; the Responses API too when
+    # responses = true) or "anthropic" (the Messages API, authenticated by x-api-key).
+    api: Annotated[str, Rule(choices=UPSTREAM_APIS)] = "openai"
+    responses: bool = False
+    messages: bool = False  # an "openai" upstream that serves the Messages API too (vLLM, SGLang)
+    # How the key is sent: "auto" is Bearer for "openai", x-api-key for "anthropic" (an
+    # open-weight server's Messages endpoint may want Bearer instead).
+    auth: Annotated[str, Rule(choices=UPSTREAM_AUTH)] = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,8 @@ class Route:
     max_output_tokens: Annotated[int, Rule(low=1)] = 4096
     description: str = ""
     limits: Annotated[Limits, NOT_IN_FILE] = Limits()
+    match: tuple[str, ...] = ()  # more model names or fnmatch patterns ("claude-sonnet-*")
+    weights: BucketWeights = BucketWeights()  # [routes."x".weights]: per-bucket price weights
 
     @property
     def upstream(self) -> Upstream:

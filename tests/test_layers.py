@@ -29,7 +29,8 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models",
+                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models", "usage",
+                "fake_dialects",
             }
         ),
     ),
@@ -38,6 +39,8 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "core",
         frozenset({"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite"}),
     ),
+    # Pure translators between Chat Completions and the agent APIs (errors and usage below).
+    ("protocols", frozenset({"protocols"})),
     # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
@@ -49,7 +52,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
     ("metering", frozenset({"meter", "reply", "metering"})),
     # Operator actions (the CLI's backend) and what every endpoint shares.
     ("operations", frozenset({"admin", "api.common"})),
-    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage"})),
+    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage", "agents"})),
     # The web dashboard: pages for people over the operations and endpoints below it.
     ("dashboard", frozenset({"dashboard"})),
     ("app", frozenset({"app"})),

@@ -603,6 +603,23 @@ class SqliteStore(DashboardQueries):
         )
         return [UsageRow(*r) for r in rows]
 
+    async def usage_by_session(self, account_id: int, days: int = 30, limit: int = 100) -> list[UsageTotal]:
+        """Usage per agent session (the X-Claude-Code-Session-Id / session_id header a
+        request carried), most recently active first; requests without one are left out."""
+        since = now_ms() - days * 86_400_000
+        rows = await self._all(
+            """
+            SELECT session_id, count(*), sum(input_tokens), sum(output_tokens), sum(charged),
+                   sum(cache_read_tokens), sum(cache_write_tokens), sum(cache_write_1h_tokens),
+                   sum(reasoning_tokens)
+            FROM requests INDEXED BY requests_session
+            WHERE account_id = ? AND session_id IS NOT NULL AND created_at >= ?
+            GROUP BY session_id ORDER BY max(created_at) DESC LIMIT ?
+            """,
+            (account_id, since, limit),
+        )
+        return [UsageTotal(*row) for row in rows]
+
     async def usage_summary(
         self, account_id: int, days: int = 30, top_users: int = 100
     ) -> UsageSummary:
