@@ -17,10 +17,13 @@ from typing import Any
 
 import anyio
 
+from quota_proxy.alerts import AlertDispatcher
 from quota_proxy.api.account import AccountApi
+from quota_proxy.api.alerts import AlertsApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
+from quota_proxy.api.payments import PaymentsApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
@@ -30,13 +33,18 @@ from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
+from quota_proxy.payments.stripe_checkout import StripeCheckout
 from quota_proxy.routing import RouteTable
 from quota_proxy.store import SqliteStore
+from quota_proxy.store.alerts import AlertStore
+from quota_proxy.store.payments import PaymentStore
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json", "/webhooks/stripe"}
+)
 MAINTENANCE_INTERVAL_S = 5.0
 IDEMPOTENCY_TTL_MS = 7 * 24 * 3600 * 1000
 
@@ -68,6 +76,16 @@ class Gateway:
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
+        stripe_settings = settings.payments.stripe
+        self.stripe = (
+            StripeCheckout(stripe_settings, settings.server.public_url or "")
+            if stripe_settings is not None
+            else None
+        )
+        payments = PaymentsApi(self.services, PaymentStore(self.store), self.stripe)
+        alert_store = AlertStore(self.store)
+        alerts = AlertsApi(self.services, alert_store)
+        self.alert_dispatcher = AlertDispatcher(alert_store, settings.alerts, settings.money)
         self._exact: dict[str, dict[str, ASGIApp]] = {
             "/v1/chat/completions": {"POST": inference},
             "/v1/completions": {"POST": inference},
@@ -81,6 +99,11 @@ class Gateway:
             "/readyz": {"GET": ops.readyz},
             "/metrics": {"GET": ops.metrics},
             "/openapi.json": {"GET": ops.openapi},
+            "/v1/checkout": {"POST": payments.checkout},
+            "/v1/orders": {"GET": payments.list_orders},
+            "/v1/redeem": {"POST": payments.redeem},
+            "/webhooks/stripe": {"POST": payments.stripe_webhook},
+            "/v1/alerts": {"GET": alerts.show, "PUT": alerts.update},
         }
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},
@@ -157,6 +180,7 @@ class Gateway:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_holds)
+                tg.start_soon(self.alert_dispatcher.run)
                 try:
                     yield
                 finally:
@@ -164,6 +188,8 @@ class Gateway:
         finally:
             if self._own_client:
                 await self.http_client.aclose()
+            if self.stripe is not None:
+                await self.stripe.aclose()
             await self.store.close()
 
     async def _keep_holds(self) -> None:

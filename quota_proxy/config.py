@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
+from quota_proxy.payments.settings import AlertConfig, PaymentSettings, parse_alerts, parse_payments
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
@@ -36,6 +37,7 @@ class ServerSettings:
     metrics_token_env: str | None = None
     metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "auto"
+    public_url: str | None = None  # where users reach the gateway: return URLs, links
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,8 @@ class Settings:
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
+    payments: PaymentSettings = PaymentSettings()
+    alerts: AlertConfig = AlertConfig()
     source: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -148,14 +152,24 @@ def parse_settings(
     v = _Validator()
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
-    v.only_keys("", raw, {"server", "store", "billing", "funding", "upstreams", "routes", "packages"})
+    v.only_keys(
+        "",
+        raw,
+        {"server", "store", "billing", "funding", "upstreams", "routes", "packages", "payments", "alerts"},
+    )
 
     srv = v.table("server", raw.get("server"))
     v.only_keys(
         "server",
         srv,
-        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format"},
+        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format",
+         "public_url"},
     )
+    public_url = srv.get("public_url")
+    if public_url is not None:
+        public_url = v.string("server.public_url", public_url).rstrip("/")
+        if not public_url.startswith(("http://", "https://")):
+            v.problem("server.public_url", "must start with http:// or https://")
     metrics_env = srv.get("metrics_token_env")
     metrics_token = None
     if metrics_env is not None:
@@ -177,6 +191,7 @@ def parse_settings(
         metrics_token_env=metrics_env,
         metrics_token=metrics_token,
         log_format=log_format,
+        public_url=public_url or None,
     )
 
     st = v.table("store", raw.get("store"))
@@ -295,6 +310,15 @@ def parse_settings(
             )
         )
 
+    payments, problems = parse_payments(
+        raw.get("payments"), env, {p.id: p.price_usd for p in packages}
+    )
+    v.problems.extend(problems)
+    if payments.stripe is not None and not public_url:
+        v.problem("server.public_url", "is required with [payments.stripe] (Checkout's return URLs)")
+    alerts, problems = parse_alerts(raw.get("alerts"))
+    v.problems.extend(problems)
+
     if v.problems:
         raise ConfigError(v.problems)
     return Settings(
@@ -305,6 +329,8 @@ def parse_settings(
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),
+        payments=payments,
+        alerts=alerts,
         source=source,
         warnings=tuple(v.warnings),
     )
