@@ -108,6 +108,7 @@ def config_toml(upstream_url: str, store_path: Path, **overrides: Any) -> str:
         'name = "Pro"',
         "price_usd = 20",
         "quota_tokens = 22_000_000",
+        overrides.get("extra", ""),  # whole tables appended as written, e.g. [payments.stripe]
     ]
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ PaymentProviderError, a bad signature SignatureInvalid.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,20 @@ class CheckoutSession:
     url: str
 
 
+class _HTTPXClient(stripe.HTTPXClient):
+    """The SDK's httpx transport, sending its form body as `content=`: it passes `data=` a
+    string, which httpx deprecates (and a DeprecationWarning there fails the request)."""
+
+    def _get_request_args_kwargs(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
+    ) -> list[Any]:
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        data = kwargs.pop("data", None)
+        if data:
+            kwargs["content"] = data
+        return [args, kwargs]
+
+
 class StripeCheckout:
     provider = "stripe"
 
@@ -43,7 +58,7 @@ class StripeCheckout:
         self.client = stripe.StripeClient(
             settings.secret_key,
             base_addresses={"api": settings.api_base},
-            http_client=stripe.HTTPXClient(timeout=STRIPE_TIMEOUT_S),
+            http_client=_HTTPXClient(timeout=STRIPE_TIMEOUT_S),
             max_network_retries=2,
         )
 

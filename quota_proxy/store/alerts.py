@@ -113,48 +113,58 @@ class AlertStore:
         )
 
     async def scan(self, build: PayloadBuilder, batch: int = 5000) -> int:
-        """Queue a delivery for each crossing in the ledger rows past the cursor; returns how many."""
-        async with transaction(self.store) as db:
-            cursor = list(await db.execute_fetchall("SELECT ledger_row FROM alert_cursor WHERE id = 1"))
-            start = int(cursor[0][0]) if cursor else 0
-            last = list(
-                await db.execute_fetchall(
-                    "SELECT max(id) FROM (SELECT id FROM ledger WHERE id > ? ORDER BY id LIMIT ?)",
-                    (start, batch),
-                )
-            )[0][0]
-            if last is None:
-                return 0
-            rows = await db.execute_fetchall(
-                """
-                SELECT a.id, a.kind, a.name, d.id, d.name, t.threshold, l.public_id,
-                       l.balance_after - l.amount, l.balance_after, l.created_at
-                FROM ledger l
-                JOIN accounts a ON a.id = l.account_id
-                JOIN accounts d ON d.id = coalesce(a.parent_id, a.id)
-                JOIN alert_thresholds t ON t.account_id = d.id
-                     AND t.scope = CASE a.kind WHEN 'developer' THEN 'account' ELSE 'users' END
-                WHERE l.id > ? AND l.id <= ? AND l.amount < 0
-                  AND t.threshold <= l.balance_after - l.amount AND t.threshold > l.balance_after
-                ORDER BY l.id
-                """,
-                (start, last),
+        """Queue a delivery for each crossing in the ledger rows past the cursor; returns how many.
+
+        No transaction spans an await: the crossings are read, their deliveries inserted
+        (INSERT OR IGNORE on the crossing's UNIQUE key), then the cursor moves forward with a
+        conditional UPDATE. A crash in between re-reads the same rows and queues nothing twice.
+        """
+        db = self.store.db
+        cursor = list(await db.execute_fetchall("SELECT ledger_row FROM alert_cursor WHERE id = 1"))
+        start = int(cursor[0][0]) if cursor else 0
+        last = list(
+            await db.execute_fetchall(
+                "SELECT max(id) FROM (SELECT id FROM ledger WHERE id > ? ORDER BY id LIMIT ?)",
+                (start, batch),
             )
-            queued = 0
-            now = now_ms()
-            for row in rows:
-                crossing = Crossing(*row)
-                public_id = new_id("alrt")
-                cur = await db.execute(
-                    "INSERT OR IGNORE INTO alert_deliveries (public_id, account_id, developer_id, "
-                    "threshold, ledger_id, balance_after, payload, next_attempt_at, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (public_id, crossing.account_id, crossing.developer_id, crossing.threshold,
-                     crossing.ledger_id, crossing.balance_after, build(public_id, crossing), now, now),
-                )
-                queued += cur.rowcount
-            await db.execute("UPDATE alert_cursor SET ledger_row = ? WHERE id = 1", (last,))
-        return queued
+        )[0][0]
+        if last is None:
+            return 0
+        rows = await db.execute_fetchall(
+            """
+            SELECT a.id, a.kind, a.name, d.id, d.name, t.threshold, l.public_id,
+                   l.balance_after - l.amount, l.balance_after, l.created_at
+            FROM ledger l
+            JOIN accounts a ON a.id = l.account_id
+            JOIN accounts d ON d.id = coalesce(a.parent_id, a.id)
+            JOIN alert_thresholds t ON t.account_id = d.id
+                 AND t.scope = CASE a.kind WHEN 'developer' THEN 'account' ELSE 'users' END
+            WHERE l.id > ? AND l.id <= ? AND l.amount < 0
+              AND t.threshold <= l.balance_after - l.amount AND t.threshold > l.balance_after
+            ORDER BY l.id
+            """,
+            (start, last),
+        )
+        now = now_ms()
+        queued = []
+        for row in rows:
+            crossing = Crossing(*row)
+            public_id = new_id("alrt")
+            queued.append(
+                (public_id, crossing.account_id, crossing.developer_id, crossing.threshold,
+                 crossing.ledger_id, crossing.balance_after, build(public_id, crossing), now, now)
+            )
+        if queued:
+            await db.executemany(
+                "INSERT OR IGNORE INTO alert_deliveries (public_id, account_id, developer_id, "
+                "threshold, ledger_id, balance_after, payload, next_attempt_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                queued,
+            )
+        await db.execute(
+            "UPDATE alert_cursor SET ledger_row = ? WHERE id = 1 AND ledger_row = ?", (last, start)
+        )
+        return len(queued)
 
     async def claim_due(self, lease_ms: int, limit: int = 20) -> list[DueDelivery]:
         """Pending deliveries whose time has come, each claimed by one conditional UPDATE
