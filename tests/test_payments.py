@@ -149,10 +149,13 @@ async def shop(
     await h.account("globex", 0)
     shop = Shop(h, fake_stripe, h.http(), await h.key("acme", kind="secret"), await h.key("globex", kind="secret"))
     yield shop
-    await h.verify()
-    # In a thread: the gateway in this event loop keeps serving while the CLI runs.
-    verified = await anyio.to_thread.run_sync(lambda: h.cli("ledger", "verify"))
-    assert verified.returncode == 0
+    await h.verify()  # what `quota-proxy ledger verify` runs; the CLI itself runs in cli_verify()
+
+
+async def cli_verify(h: GatewayHarness) -> None:
+    """`quota-proxy ledger verify`, in a thread: the gateway in this event loop keeps serving."""
+    verified = await anyio.to_thread.run_sync(lambda: h.cli("ledger", "verify", "--json"))
+    assert '"ok": true' in verified.stdout
 
 
 # -- the purchase path ------------------------------------------------------------------
@@ -193,6 +196,7 @@ async def test_purchase_credits_exactly_the_orders_tokens(shop: Shop) -> None:
     entry = (await shop.h.store.ledger((await shop.h.store.account_by_name("acme")).id))[0]  # type: ignore[union-attr]
     assert after["ledger_id"] == entry.public_id
     assert order["order_id"] in entry.description and event_id in entry.description
+    await cli_verify(shop.h)
 
 
 async def test_tokens_come_from_the_order_not_the_config_at_payment_time(shop: Shop) -> None:
@@ -215,6 +219,7 @@ async def test_the_same_event_20_times_concurrently_and_later_credits_once(shop:
     assert later == [200] * 3
     assert await shop.h.balance("acme") == STARTER_TOKENS
     assert len(await shop.purchases()) == 1
+    await cli_verify(shop.h)
     outcomes = await PaymentStore(shop.h.store).event_outcomes("stripe")
     assert outcomes == [(event_id, "credited", order["order_id"])]
 
@@ -373,6 +378,7 @@ async def test_a_refund_takes_the_tokens_back_and_a_spent_balance_goes_negative(
     )
     assert refused.status_code == 402, refused.text
     assert refused.json()["error"]["code"] == "insufficient_balance"
+    await cli_verify(shop.h)
 
 
 # -- the checkout endpoint's refusals ---------------------------------------------------------
