@@ -19,11 +19,12 @@ that one alert; receivers de-duplicate by its `id`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import httpx
@@ -96,8 +97,18 @@ class AlertDispatcher:
         self.config = config
         self.build = payload_builder(money)
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the loop for as long as this is open (the app's lifespan)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
     async def run(self) -> None:
-        """The loop; cancelled by the app's lifespan. A failing store is logged and retried."""
+        """The loop. A failing store is logged and retried at the next tick."""
         async with httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False) as client:
             while True:
                 try:

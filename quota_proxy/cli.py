@@ -18,6 +18,7 @@ import orjson
 from quota_proxy import admin
 from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
 from quota_proxy.store import SqliteStore, StoreError
+from quota_proxy.views import account_view, key_view, ledger_view, user_view
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -239,7 +240,7 @@ async def _accounts_create(args: argparse.Namespace, s: Settings, store: SqliteS
 
 @_handles("accounts", "list")
 async def _accounts_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
-    data = [admin.account_view(a, s) for a in await store.list_accounts()]
+    data = [account_view(a, s.money) for a in await store.list_accounts()]
     return data, lambda d: _table(d, ["name", "id", "balance", "balance_quota_tokens", "held_quota_tokens"])
 
 
@@ -258,7 +259,7 @@ async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore
 @_handles("keys", "list")
 async def _keys_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
     account_id = (await admin.developer(store, args.account)).id if args.account else None
-    data = [admin.key_view(k) for k in await store.list_keys(account_id)]
+    data = [key_view(k) for k in await store.list_keys(account_id)]
     return data, lambda d: _table(d, ["id", "prefix", "account", "kind", "name", "expires_at", "revoked_at"])
 
 
@@ -289,11 +290,9 @@ async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) ->
     account = await admin.developer(store, args.account)
     if args.user:
         user = await admin.app_user(store, account, args.user)
-        from quota_proxy.api.common import user_view
-
         data = {"account": account.name, **user_view(user, s.money)}
         return data, lambda d: f"{d['account']}/{d['external_user_id']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, billing mode {d['billing_mode']})\n"
-    data = admin.account_view(account, s)
+    data = account_view(account, s.money)
     return data, lambda d: f"{d['name']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, {d['held_quota_tokens']} held)\n"
 
 
@@ -320,7 +319,7 @@ async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     target = await admin.app_user(store, account, args.user) if args.user else account
-    data = [admin.ledger_view(e, s) for e in await store.ledger(target.id, args.limit)]
+    data = [ledger_view(e, s.money) for e in await store.ledger(target.id, args.limit)]
     return data, lambda d: _table(d, ["id", "created_at", "kind", "amount_quota_tokens",
                                       "balance_after_quota_tokens", "request_id", "description"])
 
@@ -358,8 +357,6 @@ async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 @_handles("users", "list")
 async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     data = [user_view(u, s.money) for u in await store.list_users(account.id)]
     return data, lambda d: _table(d, ["external_user_id", "balance", "balance_quota_tokens", "billing_mode"])
@@ -367,8 +364,6 @@ async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 @_handles("users", "show")
 async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     data = user_view(await admin.app_user(store, account, args.user), s.money)
     return data, lambda d: _table([d], list(d))
@@ -376,8 +371,6 @@ async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 @_handles("users", "set-mode")
 async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     user = await admin.app_user(store, account, args.user)
     await store.set_billing_mode(user.id, args.mode)

@@ -39,7 +39,7 @@ import httpx
 import orjson
 
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
-from quota_proxy.testing import run_server
+from quota_proxy.runner import run_server
 
 API_VERSION = "2025-09-30.clover"
 SESSION_TTL_S = 24 * 3600

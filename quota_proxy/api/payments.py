@@ -9,16 +9,15 @@ outran our own record of the checkout).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from decimal import Decimal
 from typing import Any
 
-from quota_proxy.api.common import Services, json_object, require_secret
+from quota_proxy.api.common import Services, require_secret
 from quota_proxy.asgi import Receive, Scope, Send, header, read_body, send_json
 from quota_proxy.config import Package
 from quota_proxy.errors import BadRequest, QuotaError, RateLimited
-from quota_proxy.money import format_usd
+from quota_proxy.json_body import read_object
 from quota_proxy.payments.codes import code_digest
 from quota_proxy.payments.stripe_checkout import PaymentProviderError, SignatureInvalid, StripeCheckout
 from quota_proxy.payments.stripe_events import (
@@ -30,12 +29,12 @@ from quota_proxy.payments.stripe_events import (
     session_mismatch,
 )
 from quota_proxy.payments.throttle import FailureThrottle
-from quota_proxy.store import KeyRecord
+from quota_proxy.payments.views import order_view
+from quota_proxy.state import caller_key, request_state
 from quota_proxy.store.payments import (
     CodeRefused,
     EventOutcome,
     EventResult,
-    Order,
     PaymentStore,
     RetryLater,
 )
@@ -90,7 +89,7 @@ class PaymentsApi:
 
     async def checkout(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = require_secret(scope)
-        data = await json_object(scope, receive, self.s.settings.server.max_body_bytes)
+        data = await read_object(scope, receive, self.s.settings.server.max_body_bytes)
         package_id = data.get("package")
         if not isinstance(package_id, str) or not package_id:
             raise BadRequest("Missing required parameter: 'package' (a package id).", param="package")
@@ -110,8 +109,8 @@ class PaymentsApi:
         await self.orders.attach_checkout(order.public_id, session.id, session.url)
         fresh = await self.orders.order(order.public_id)
         assert fresh is not None
-        scope.setdefault("quota.log", {}).update(order=order.public_id, package=package.id)
-        await send_json(send, 200, order_view(fresh, self.s))
+        request_state(scope).log.update(order=order.public_id, package=package.id)
+        await send_json(send, 200, order_view(fresh, self.s.money))
 
     def _package(self, package_id: str) -> Package:
         for package in self.s.settings.packages:
@@ -124,19 +123,19 @@ class PaymentsApi:
         key = require_secret(scope)
         orders = await self.orders.orders(key.account_id, ORDERS_LIMIT)
         await send_json(
-            send, 200, {"object": "list", "data": [order_view(o, self.s) for o in orders]}
+            send, 200, {"object": "list", "data": [order_view(o, self.s.money) for o in orders]}
         )
 
     # -- redemption codes ------------------------------------------------------------
 
     async def redeem(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         wait = self.code_misses.retry_after(key.account_id)
         if wait is not None:
             error = RateLimited("Too many wrong codes; try again later.")
             error.headers.append((b"retry-after", str(max(1, round(wait))).encode()))
             raise error
-        data = await json_object(scope, receive, self.s.settings.server.max_body_bytes)
+        data = await read_object(scope, receive, self.s.settings.server.max_body_bytes)
         code = data.get("code")
         if not isinstance(code, str) or not code.strip():
             raise BadRequest("Missing required parameter: 'code'.", param="code")
@@ -149,10 +148,10 @@ class PaymentsApi:
             # Used and expired codes are real codes, not guesses: only unknown ones count.
             if refused.reason == "unknown":
                 self.code_misses.miss(key.account_id)
-            scope.setdefault("quota.log", {})["code"] = refused.reason
+            request_state(scope).log["code"] = refused.reason
             raise InvalidCode() from None
         money = self.s.money
-        scope.setdefault("quota.log", {}).update(code=redemption.code_id, credited=redemption.quota_tokens)
+        request_state(scope).log.update(code=redemption.code_id, credited=redemption.quota_tokens)
         await send_json(
             send,
             200,
@@ -180,7 +179,7 @@ class PaymentsApi:
         except SignatureInvalid as exc:
             logger.warning("stripe webhook refused: %s", exc)
             raise InvalidSignature(f"Stripe-Signature does not verify: {exc}") from None
-        log = scope.setdefault("quota.log", {})
+        log = request_state(scope).log
         log.update(event=event.event_id, event_type=event.type)
         try:
             result = await self._apply(event)
@@ -231,34 +230,3 @@ class PaymentsApi:
                 event.amount_refunded, event.currency,
             )
         return EventResult(EventOutcome.IGNORED, detail=f"{event.type} is not handled")
-
-
-def order_view(order: Order, services: Services) -> dict[str, Any]:
-    usd = services.money.usd
-    return {
-        "object": "order",
-        "order_id": order.public_id,
-        "status": order.status,
-        "package": order.package_id,
-        "price": format_usd(Decimal(order.amount_cents) / 100),
-        "amount_cents": order.amount_cents,
-        "currency": order.currency,
-        "quota_tokens": order.quota_tokens,
-        "amount": usd(order.quota_tokens),
-        "provider": order.provider,
-        "checkout_session_id": order.provider_ref,
-        "checkout_url": order.checkout_url if order.status == "pending" else None,
-        "ledger_id": order.ledger_id,
-        "refunded_cents": order.refunded_cents,
-        "refunded_quota_tokens": order.refunded_tokens,
-        "refund_ledger_ids": list(order.refund_ledger_ids),
-        "created_at": iso_time(order.created_at),
-        "updated_at": iso_time(order.updated_at),
-    }
-
-
-def iso_time(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    moment = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from quota_proxy import admin
-from quota_proxy.api.alerts import alerts_view, parse_thresholds, parse_url
 from quota_proxy.config import Settings
 from quota_proxy.errors import BadRequest
-from quota_proxy.money import format_usd
 from quota_proxy.payments.codes import code_digest, generate_code
+from quota_proxy.payments.views import alerts_view, order_view, parse_thresholds, parse_url
 from quota_proxy.store import SqliteStore
 from quota_proxy.store.alerts import AlertStore
-from quota_proxy.store.payments import Order, PaymentStore
+from quota_proxy.store.payments import PaymentStore
+from quota_proxy.views import iso_time
 
 MAX_CODES = 10_000
 
 
-def order_row(order: Order, settings: Settings) -> dict[str, Any]:
-    return {
-        "order_id": order.public_id,
-        "account": order.account_name,
-        "status": order.status,
-        "package": order.package_id,
-        "price": format_usd(Decimal(order.amount_cents) / 100),
-        "currency": order.currency,
-        "quota_tokens": order.quota_tokens,
-        "provider": order.provider,
-        "checkout_session_id": order.provider_ref,
-        "paid_event_id": order.paid_event_id,
-        "ledger_id": order.ledger_id,
-        "refunded_quota_tokens": order.refunded_tokens,
-        "refund_ledger_ids": list(order.refund_ledger_ids),
-        "created_at": admin._iso(order.created_at),
-    }
-
-
 async def list_orders(store: SqliteStore, settings: Settings, account_name: str, limit: int) -> list[dict[str, Any]]:
     account = await admin.developer(store, account_name)
-    return [order_row(o, settings) for o in await PaymentStore(store).orders(account.id, limit)]
+    return [order_view(o, settings.money) for o in await PaymentStore(store).orders(account.id, limit)]
 
 
 async def create_codes(
@@ -63,7 +43,7 @@ async def create_codes(
         "ids": ids,
         "package": package.id,
         "quota_tokens": package.quota_tokens,
-        "expires_at": admin._iso(expires_at),
+        "expires_at": iso_time(expires_at),
     }
 
 
@@ -71,7 +51,7 @@ async def list_codes(store: SqliteStore) -> list[dict[str, Any]]:
     rows = await PaymentStore(store).codes()
     for row in rows:
         for key in ("expires_at", "claimed_at", "created_at"):
-            row[key] = admin._iso(row[key])
+            row[key] = iso_time(row[key])
     return rows
 
 
