@@ -24,6 +24,7 @@ from quota_proxy.payments.stripe_events import (
     EXPIRED_TYPE,
     PAID_TYPES,
     PROVIDER,
+    MalformedEvent,
     RefundEvent,
     SessionEvent,
     session_mismatch,
@@ -179,6 +180,11 @@ class PaymentsApi:
         except SignatureInvalid as exc:
             logger.warning("stripe webhook refused: %s", exc)
             raise InvalidSignature(f"Stripe-Signature does not verify: {exc}") from None
+        except MalformedEvent as exc:
+            # Signed by Stripe but not a shape we know: retrying cannot help, so acknowledge it.
+            logger.warning("stripe webhook: a signed event we cannot read: %s", exc)
+            await send_json(send, 200, {"received": True, "outcome": EventOutcome.IGNORED.value})
+            return
         log = request_state(scope).log
         log.update(event=event.event_id, event_type=event.type)
         try:
