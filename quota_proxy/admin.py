@@ -24,6 +24,36 @@ class AdminError(Exception):
     """A mistake in the operator's request: printed as one line, exit status 1."""
 
 
+async def ledger_page(
+    store: SqliteStore,
+    settings: Settings,
+    account_name: str,
+    external_id: str | None,
+    limit: int | None,
+    before: str | None,
+) -> dict[str, Any]:
+    """One page of a ledger, newest first, saying how many older entries it leaves out.
+
+    `before` is an entry's ledg_ id: the page starts just below it.
+    """
+    account = await developer(store, account_name)
+    target = await app_user(store, account, external_id) if external_id else account
+    before_id = None
+    if before is not None:
+        anchor = await store.ledger_entry(before)
+        if anchor is None or anchor.account_id != target.id:
+            raise AdminError(f"--before: no ledger entry {before!r} in this ledger")
+        before_id = anchor.id
+    page = await store.ledger_page(target.id, limit, before_id)
+    return {
+        "account": account.name,
+        "external_user_id": external_id,
+        "entries": [ledger_view(e, settings.money) for e in page.entries],
+        "more": page.more,
+        "next_before": page.entries[-1].public_id if page.next_before is not None else None,
+    }
+
+
 def parse_expiry(text: str) -> int:
     """'2027-01-31' (end of that day, UTC) or an ISO datetime, to unix ms."""
     try:

@@ -18,10 +18,11 @@ import orjson
 from quota_proxy import admin
 from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
 from quota_proxy.store import SqliteStore, StoreError
-from quota_proxy.views import account_view, key_view, ledger_view, user_view
+from quota_proxy.views import account_view, key_view, user_view
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+LEDGER_PAGE = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("list", "an account's ledger, newest first", ledger)
     p.add_argument("--account", required=True)
     p.add_argument("--user", metavar="EXTERNAL_ID")
-    p.add_argument("--limit", type=int, default=50)
+    page = p.add_mutually_exclusive_group()
+    page.add_argument("--limit", type=_positive, default=LEDGER_PAGE, help=f"entries per page (default {LEDGER_PAGE})")
+    page.add_argument("--all", action="store_true", help="every entry, no paging")
+    p.add_argument("--before", metavar="ID", help="start below this entry (the next_before of the last page)")
     cmd("verify", "check balance = sum(ledger) and held = open holds for every account", ledger)
 
     p = cmd("backup", "copy the store to a new file while the gateway serves (SQLite online backup)")
@@ -317,11 +321,37 @@ async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 @_handles("ledger", "list")
 async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
-    account = await admin.developer(store, args.account)
-    target = await admin.app_user(store, account, args.user) if args.user else account
-    data = [ledger_view(e, s.money) for e in await store.ledger(target.id, args.limit)]
-    return data, lambda d: _table(d, ["id", "created_at", "kind", "amount_quota_tokens",
-                                      "balance_after_quota_tokens", "request_id", "description"])
+    limit = None if args.all else args.limit
+    data = await admin.ledger_page(store, s, args.account, args.user, limit, args.before)
+    return data, _ledger_table
+
+
+def _ledger_table(d: dict[str, Any]) -> str:
+    rows = []
+    for e in d["entries"]:
+        row = dict(e)
+        charge = e["charge"]
+        if charge is not None:
+            buckets = [("in", "input_tokens"), ("out", "output_tokens"), ("cache_read", "cache_read_tokens"),
+                       ("cache_write", "cache_write_tokens"), ("cache_write_1h", "cache_write_1h_tokens")]
+            row |= {
+                "route": charge["route"],
+                "upstream_model": charge["upstream_model"],
+                "key": charge["key_prefix"],
+                "user": charge["external_user_id"],
+                "tokens": " ".join(f"{label}={charge[f]}" for label, f in buckets if charge[f] or label in ("in", "out")),
+                "multiplier": charge["multiplier"],
+                "estimated": "estimated" if charge["estimated"] else "",
+                "outcome": charge["outcome"],
+            }
+        rows.append(row)
+    text = _table(rows, ["id", "created_at", "kind", "amount_quota_tokens", "balance_after_quota_tokens",
+                         "request_id", "route", "upstream_model", "key", "user", "tokens", "multiplier",
+                         "estimated", "outcome", "description"])
+    if d["more"]:
+        return text + (f"… {d['more']} older entries not shown: --before {d['next_before']} "
+                       "for the next page, --all for every entry\n")
+    return text + "(no older entries)\n"
 
 
 @_handles("ledger", "verify")

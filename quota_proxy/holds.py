@@ -46,11 +46,13 @@ class HoldKeeper:
                 tg.cancel_scope.cancel()
 
     async def tick(self) -> None:
-        """One round: refresh ours, release expired ones (a crashed process's), purge old records."""
+        """One round: refresh ours, release expired ones (a crashed process's), purge old records,
+        and put the charges committed since the last round on disk."""
         await self.store.refresh_holds(self.owner, self.hold_ttl_s * 1000)
         await self.store.release_expired_holds()
         await self.store.purge_idempotency(IDEMPOTENCY_TTL_MS)
         await self.store.purge_rate_windows()
+        await self.store.sync()  # charges commit cheaply; this bounds what a power cut takes back
 
     async def _keep(self, interval_s: float) -> None:
         while True:

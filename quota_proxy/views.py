@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any
 
 from quota_proxy.money import Money
-from quota_proxy.store.models import Account, KeyRecord, LedgerEntry
+from quota_proxy.store.models import Account, ChargeDetails, KeyRecord, LedgerEntry
 
 
 def _balance(account: Account, money: Money) -> dict[str, Any]:
@@ -103,6 +103,32 @@ def ledger_view(entry: LedgerEntry, money: Money) -> dict[str, Any]:
         "related_id": entry.related_id,
         "description": entry.description,
         "created_at": iso_time(entry.created_at),
+        "charge": charge_view(entry.charge, money) if entry.charge is not None else None,
+    }
+
+
+def charge_view(charge: ChargeDetails, money: Money) -> dict[str, Any]:
+    """What a charge was for (SPEC §4), in the field names of the usage views."""
+    return {
+        "request_id": charge.request_id,
+        "key_id": charge.key_id,
+        "key_prefix": charge.key_prefix,
+        "external_user_id": charge.user,
+        "route": charge.route,
+        "upstream_model": charge.upstream_model,
+        "input_tokens": charge.input_tokens,
+        "output_tokens": charge.output_tokens,
+        "cache_read_tokens": charge.cache_read_tokens,
+        "cache_write_tokens": charge.cache_write_tokens,
+        "cache_write_1h_tokens": charge.cache_write_1h_tokens,
+        "reasoning_tokens": charge.reasoning_tokens,
+        "multiplier": charge.multiplier,
+        "charged": money.usd(charge.charged),
+        "charged_quota_tokens": charge.charged,
+        "estimated": charge.estimated,
+        "outcome": charge.outcome.value,
+        "status": charge.status,
+        "session_id": charge.session_id,
     }
 
 

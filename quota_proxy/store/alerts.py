@@ -15,7 +15,6 @@ from typing import Any
 
 from quota_proxy.keys import new_id
 from quota_proxy.store.sqlite import SqliteStore, now_ms
-from quota_proxy.store.tx import transaction
 
 SCOPES = ("account", "users")
 
@@ -70,7 +69,7 @@ class AlertStore:
         user_thresholds: tuple[int, ...],
     ) -> AlertSettings:
         """Replace the account's alert settings; the signing secret is made once and kept."""
-        async with transaction(self.store) as db:
+        async with self.store._durable_tx() as db:
             await db.execute(
                 "INSERT INTO alert_settings (account_id, webhook_url, signing_secret, updated_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET "

@@ -20,7 +20,6 @@ import orjson
 
 from quota_proxy.keys import new_id
 from quota_proxy.store.sqlite import SqliteStore, now_ms
-from quota_proxy.store.tx import transaction
 
 _ORDER_COLUMNS = (
     "o.id, o.public_id, o.account_id, a.name, o.package_id, o.amount_cents, o.currency, "
@@ -124,7 +123,7 @@ class PaymentStore:
         self.store = store
 
     def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
-        return transaction(self.store, durable=True)
+        return self.store._durable_tx()
 
     # -- orders -------------------------------------------------------------------
 
