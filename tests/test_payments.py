@@ -310,6 +310,29 @@ async def test_an_order_of_another_provider_is_not_credited_by_stripe(shop: Shop
     assert (await payments.order(other.public_id)).status == "pending"  # type: ignore[union-attr]
 
 
+async def test_a_paid_event_that_outran_our_record_of_the_checkout_still_credits_once(shop: Shop) -> None:
+    """The process died between Stripe opening the session and our storing its id."""
+    acme = await shop.h.store.account_by_name("acme")
+    assert acme is not None
+    payments = PaymentStore(shop.h.store)
+    order = await payments.create_order(acme.id, "starter", STARTER_CENTS, "usd", STARTER_TOKENS, "stripe")
+    session = {
+        "id": "cs_test_unrecorded", "object": "checkout.session", "amount_total": STARTER_CENTS,
+        "currency": "usd", "client_reference_id": order.public_id, "metadata": {"order_id": order.public_id},
+        "mode": "payment", "payment_status": "paid", "status": "complete", "payment_intent": "pi_test_u",
+    }
+    result = await shop.emit("checkout.session.completed", session)
+    assert result["statuses"] == [200]
+    assert await shop.deliver(result["event"]["id"], times=3, concurrent=True) == [200] * 3
+    assert await shop.h.balance("acme") == STARTER_TOKENS
+    paid = await payments.order(order.public_id)
+    assert paid is not None and (paid.status, paid.provider_ref) == ("paid", "cs_test_unrecorded")
+    # A later paid event for another session cannot credit the same order again.
+    other = {**session, "id": "cs_test_second", "payment_intent": "pi_test_v"}
+    assert (await shop.emit("checkout.session.completed", other))["statuses"] == [200]
+    assert await shop.h.balance("acme") == STARTER_TOKENS
+
+
 async def test_an_unpaid_completion_waits_for_async_payment_succeeded(shop: Shop) -> None:
     order = await shop.checkout("starter")
     paid = await shop.pay(order, deliver=False)

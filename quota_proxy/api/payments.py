@@ -221,7 +221,7 @@ class PaymentsApi:
                         PROVIDER, event.event_id, event.type, f"payment_status {event.payment_status!r}"
                     )
                 return await store.apply_paid(
-                    PROVIDER, event.event_id, event.type, event.order_ref, event.payment_intent,
+                    PROVIDER, event.event_id, event.type, event.order_ref, event.session_id, event.payment_intent,
                     lambda order: session_mismatch(order, event),
                 )
             if event.type == EXPIRED_TYPE:

@@ -221,14 +221,12 @@ class PaymentStore:
         event_id: str,
         event_type: str,
         order_ref: str,
+        session_ref: str,
         payment_ref: str | None,
         check: OrderCheck,
     ) -> EventResult:
-        """Credit a paid order once: record the event, pending -> paid, one purchase entry.
-
-        RetryLater when the order has no checkout attached yet (the event outran our own
-        write); nothing is recorded then, so the provider's next delivery is processed.
-        """
+        """Credit a paid order once: record the event, pending -> paid, one purchase entry,
+        after `check` (the event against the order) found nothing wrong."""
         async with self._transaction() as tx:
             if not await self._claim_event(tx, provider, event_id, event_type):
                 return EventResult(EventOutcome.DUPLICATE)
@@ -239,7 +237,15 @@ class PaymentStore:
                     EventResult(EventOutcome.MISMATCH, detail=f"no order {order_ref!r}"),
                 )
             if order.provider == provider and order.provider_ref is None and order.status == "pending":
-                raise RetryLater(f"order {order.public_id} has no checkout recorded yet")
+                # The provider opened this checkout but our record of it is missing: the event
+                # outran attach_checkout, or the process died between the two. The event is
+                # signed and names this order, so adopt its session; every check below still runs.
+                await tx.execute(
+                    "UPDATE orders SET provider_ref = ? WHERE id = ? AND provider_ref IS NULL",
+                    (session_ref, order.id),
+                )
+                order = await self._order_in_tx(tx, "o.id = ?", (order.id,))
+                assert order is not None
             problem = check(order)
             if problem is not None:
                 return await self._finish_event(
