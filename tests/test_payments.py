@@ -404,6 +404,22 @@ async def test_a_refund_takes_the_tokens_back_and_a_spent_balance_goes_negative(
     await cli_verify(shop.h)
 
 
+async def test_a_refund_that_outruns_its_payment_is_retried_then_applied(shop: Shop) -> None:
+    order = await shop.checkout("starter")
+    paid = await shop.pay(order, deliver=False)  # Stripe's completed event is late
+    charge = await _charge_of(shop, order)
+    refund = await shop.stripe.control("POST", f"/_test/charges/{charge}/refund")
+    assert refund["statuses"] == [503]  # not ours to judge yet: Stripe will deliver it again
+    assert await shop.h.balance("acme") == 0
+    assert await shop.deliver(paid["event"]["id"]) == [200]
+    assert await shop.h.balance("acme") == STARTER_TOKENS
+    assert await shop.deliver(refund["event"]["id"]) == [200]  # Stripe's retry
+    assert await shop.h.balance("acme") == 0
+    assert (await shop.order(order["order_id"]))["status"] == "refunded"
+    assert await shop.deliver(paid["event"]["id"], times=2) == [200, 200]
+    assert await shop.h.balance("acme") == 0
+
+
 # -- the checkout endpoint's refusals ---------------------------------------------------------
 
 
