@@ -23,7 +23,7 @@ import pytest
 
 from quota_proxy.config import ConfigError, load_settings
 from quota_proxy.store.payments import PaymentStore
-from tests.conftest import GatewayFactory, GatewayHarness, run_cli
+from tests.conftest import GatewayFactory, GatewayHarness, closed_port, config_toml, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -535,3 +535,57 @@ async def test_concurrent_checkouts_and_payments_credit_each_order_once(shop: Sh
     results = await asyncio.gather(*(shop.pay(o) for o in orders))
     assert all(r["statuses"] == [200] for r in results)
     assert await shop.h.balance("acme") == 8 * STARTER_TOKENS
+
+
+async def test_two_worker_processes_credit_a_storm_of_one_event_once(
+    tmp_path: Path, upstream: Any, fake_stripe: FakeStripeProcess
+) -> None:
+    """`serve --workers 2`: the duplicate deliveries race in separate processes on one file."""
+    config = tmp_path / "quota-proxy.toml"
+    config.write_text(
+        config_toml(upstream.base_url, tmp_path / "quota.db", server={"public_url": "https://gw.example"},
+                    extra=stripe_extra(fake_stripe.url))
+    )
+    env = {**os.environ, "QP_TEST_STRIPE_KEY": API_KEY, "QP_TEST_STRIPE_HOOK": WEBHOOK_SECRET}
+
+    def cli(*args: str) -> str:
+        return run_cli("--config", str(config), *args, env=env).stdout
+
+    await anyio.to_thread.run_sync(lambda: cli("accounts", "create", "acme"))
+    secret = (await anyio.to_thread.run_sync(lambda: cli("keys", "create", "--account", "acme", "--kind", "secret"))).split()[0]
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quota_proxy", "serve", "--config", str(config), "--port", str(port),
+         "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+            await fake_stripe.control("POST", "/_test/configure", webhook_url=f"{url}/webhooks/stripe")
+            created = await http.post("/v1/checkout", json={"package": "starter"}, headers=auth(secret))
+            assert created.status_code == 200, created.text
+            order = created.json()
+            paid = await fake_stripe.control(
+                "POST", f"/_test/sessions/{order['checkout_session_id']}/pay", deliver=False
+            )
+            statuses = await fake_stripe.control(
+                "POST", f"/_test/events/{paid['event']['id']}/deliver", times=30, concurrent=True
+            )
+            assert statuses["statuses"] == [200] * 30
+            balance = await http.get("/v1/balance", headers=auth(secret))
+            assert balance.json()["balance_quota_tokens"] == STARTER_TOKENS
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    verified = await anyio.to_thread.run_sync(lambda: cli("ledger", "verify", "--json"))
+    assert '"ok": true' in verified
