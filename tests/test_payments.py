@@ -442,11 +442,11 @@ async def test_without_payments_configured_checkout_is_a_clear_error(gateway: Ga
     secret = await gateway.key("acme", kind="secret")
     http = gateway.http()
     response = await http.post("/v1/checkout", json={"package": "starter"}, headers=auth(secret))
-    assert response.status_code == 501
+    assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "payments_not_configured" and "[payments.stripe]" in error["message"]
     response = await http.post("/webhooks/stripe", content=b"{}")
-    assert response.status_code == 501
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
 async def test_stripe_refusing_the_checkout_is_a_502_and_the_order_is_closed(

@@ -16,7 +16,7 @@ from typing import Any
 from quota_proxy.api.common import Services, require_secret
 from quota_proxy.asgi import Receive, Scope, Send, header, read_body, send_json
 from quota_proxy.config import Package
-from quota_proxy.errors import BadRequest, QuotaError, RateLimited
+from quota_proxy.errors import BadRequest, NotFound, QuotaError, RateLimited
 from quota_proxy.json_body import read_object
 from quota_proxy.payments.codes import code_digest
 from quota_proxy.payments.stripe_checkout import PaymentProviderError, SignatureInvalid, StripeCheckout
@@ -51,7 +51,7 @@ class PackageNotFound(QuotaError):
 
 
 class PaymentsNotConfigured(QuotaError):
-    status, code, type = 501, "payments_not_configured", "invalid_request_error"
+    status, code, type = 400, "payments_not_configured", "invalid_request_error"
     default_message = (
         "Card payments are not configured on this gateway ([payments.stripe]); "
         "ask its operator for a redemption code."
@@ -172,7 +172,7 @@ class PaymentsApi:
 
     async def stripe_webhook(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.stripe is None:
-            raise PaymentsNotConfigured("Stripe is not configured on this gateway.")
+            raise NotFound("Stripe webhooks are not enabled on this gateway ([payments.stripe]).")
         body = await read_body(scope, receive, MAX_WEBHOOK_BYTES)
         signature = header(scope, b"stripe-signature")
         try:
