@@ -25,7 +25,7 @@ from quota_proxy.api.ops import OpsApi
 from quota_proxy.api.payments import PaymentsApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
+from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
 from quota_proxy.holds import HoldKeeper
@@ -58,18 +58,18 @@ class Gateway:
         http_client: UpstreamClient | None = None,
         reload_on_sighup: bool = False,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings(settings)
         self.reload_on_sighup = reload_on_sighup
         self.store = store or SqliteStore(settings.store.path)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
-        self.keeper = HoldKeeper(self.store, settings.billing.hold_ttl_s)
-        self.routes = routes = RouteTable(settings.routes)
+        self.keeper = HoldKeeper(self.store, self.live)
+        self.routes = routes = RouteTable(self.live)
         keys = KeyCache(self.store)
         metrics = Metrics()
-        self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
+        self.services = Services(self.live, self.store, routes, keys, metrics)
         self.metering = inference = MeteringMiddleware(
-            UpstreamProxy(self.http_client), self.store, settings, routes, self.keeper
+            UpstreamProxy(self.http_client), self.store, self.live, routes, self.keeper
         )
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
@@ -111,6 +111,10 @@ class Gateway:
         self._app: ASGIApp = RequestContextMiddleware(
             AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
         )
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -157,12 +161,7 @@ class Gateway:
             return False
         if new.store.path != self.settings.store.path:
             logger.warning("reload: store.path changed; it takes effect at the next restart")
-        self.settings = new
-        self.routes.replace(new.routes)
-        self.services.settings = new
-        self.services.money = new.money
-        self.metering.configure(new)
-        self.keeper.hold_ttl_s = new.billing.hold_ttl_s
+        self.live.current = new
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),
@@ -220,5 +219,6 @@ def app_from_environment() -> Any:
     single-process gateway reloads it on SIGHUP (with workers, uvicorn's supervisor turns
     SIGHUP into a rolling restart of the workers)."""
     settings = load_settings(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
-    configure_logging(os.environ.get("QUOTA_PROXY_LOG_LEVEL", "info"), settings.server.log_format)
+    log_level = os.environ.get("QUOTA_PROXY_LOG_LEVEL") or settings.server.log_level  # serve's --log-level
+    configure_logging(log_level, settings.server.log_format)
     return Gateway(settings, reload_on_sighup=True)

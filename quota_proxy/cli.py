@@ -10,13 +10,21 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from quota_proxy import admin
-from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
+from quota_proxy.config import (
+    LOG_LEVELS,
+    ConfigError,
+    Limits,
+    Settings,
+    default_config_path,
+    load_settings,
+)
 from quota_proxy.store import SqliteStore, StoreError
 from quota_proxy.views import account_view, key_view, user_view
 
@@ -41,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return parser
 
-    p = cmd("serve", "run the gateway")
+    p = cmd("serve", "run the gateway; each flag overrides the [server] setting of the same name")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=_positive)
+    p.add_argument("--log-level", choices=LOG_LEVELS)
 
     p = cmd("demo", "run the gateway on a temporary store with a built-in demo upstream")
     p.add_argument("--host", default="127.0.0.1")
@@ -149,6 +157,15 @@ def _payment_commands(cmd: Any) -> None:
     p.add_argument("--account", required=True)
 
 
+SERVE_FLAGS = ("host", "port", "workers", "log_level")
+
+
+def with_serve_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """`serve --NAME` overrides the [server] setting of the same name (uvicorn's pattern)."""
+    given = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name, None) is not None}
+    return replace(settings, server=replace(settings.server, **given))
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -188,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         from quota_proxy.serve import serve
 
-        serve(settings, config_path, host=args.host, port=args.port, workers=args.workers,
-              log_level=args.log_level)
+        serve(with_serve_flags(settings, args), config_path)
         return
     if args.command == "config":
         _print(as_json, _config_view(settings), _config_table)

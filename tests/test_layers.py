@@ -42,12 +42,12 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
              "payments.views"}
         ),
     ),
-    # One job each on the request path, and the fake upstream the demo serves.
+    # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
             {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
-             "alerts", "payments.stripe_checkout"}
+             "http_protocol", "alerts", "payments.stripe_checkout"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
