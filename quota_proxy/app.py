@@ -23,10 +23,12 @@ from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
 from quota_proxy.api.payments import PaymentsApi
+from quota_proxy.api.usage import UsageApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
+from quota_proxy.dashboard import mount_dashboard
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamClient
@@ -68,9 +70,8 @@ class Gateway:
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(self.live, self.store, routes, keys, metrics)
-        self.metering = inference = MeteringMiddleware(
-            UpstreamProxy(self.http_client), self.store, self.live, routes, self.keeper
-        )
+        proxy = UpstreamProxy(self.http_client)
+        self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
@@ -91,6 +92,7 @@ class Gateway:
             "/v1/models": {"GET": account.models},
             "/v1/balance": {"GET": account.balance},
             "/v1/me": {"GET": account.me},
+            "/v1/usage": {"GET": UsageApi(self.services).usage},
             "/v1/packages": {"GET": account.packages},
             "/v1/funding/grant": {"POST": funding.grant},
             "/healthz": {"GET": ops.healthz},
@@ -109,7 +111,10 @@ class Gateway:
             "chat/completions": {"POST": funding.user_completion},
         }
         self._app: ASGIApp = RequestContextMiddleware(
-            AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
+            mount_dashboard(
+                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
+            ),
+            observers=(metrics.observe,),
         )
 
     @property

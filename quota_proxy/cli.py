@@ -26,7 +26,7 @@ from quota_proxy.config import (
     load_settings,
 )
 from quota_proxy.store import SqliteStore, StoreError
-from quota_proxy.views import account_view, key_view, user_view
+from quota_proxy.views import account_view, iso_time, key_view, user_view
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
     _payment_commands(cmd)
+    _dashboard_parser(cmd)
     return parser
 
 
@@ -155,6 +156,34 @@ def _payment_commands(cmd: Any) -> None:
     p.add_argument("--user-thresholds", default="", help="dollars, comma-separated, for each app user's")
     p = cmd("show", "an account's alert settings and latest deliveries", alerts)
     p.add_argument("--account", required=True)
+
+
+def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    dashboard = cmd("dashboard", "web dashboard sign-ins").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = cmd("invite", "print a one-time, expiring link with which a person sets a dashboard password",
+            dashboard)
+    p.add_argument("--account", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", choices=["developer", "operator"], default="developer")
+    logins = cmd("logins", "people who can sign in to the dashboard", dashboard).add_subparsers(
+        dest="login_action", required=True, metavar="ACTION"
+    )
+    cmd("list", "logins with their account and role", logins)
+    p = cmd("disable", "stop a login from signing in and end its sessions (a new invitation enables it)",
+            logins)
+    p.add_argument("email", metavar="EMAIL")
+    sessions = cmd("sessions", "signed-in dashboard sessions", dashboard).add_subparsers(
+        dest="session_action", required=True, metavar="ACTION"
+    )
+    p = cmd("list", "live sessions, newest first", sessions)
+    p.add_argument("--email")
+    p = cmd("revoke", "end sessions: one by id, every session of an email, or all", sessions)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("session", nargs="?", metavar="SESSION_ID")
+    target.add_argument("--email")
+    target.add_argument("--all", action="store_true")
 
 
 SERVE_FLAGS = ("host", "port", "workers", "log_level")
@@ -479,6 +508,53 @@ def _alerts_table(d: dict[str, Any]) -> str:
     if d.get("deliveries"):
         text += _table(d["deliveries"], ["id", "account", "threshold_quota_tokens", "status", "attempts"])
     return text
+
+
+@_handles("dashboard", "invite")
+async def _dashboard_invite(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.dashboard.invites import InviteError, invite, server_url
+
+    try:
+        created = await invite(store, s, args.account, args.email, args.role, server_url(s))
+    except InviteError as exc:
+        raise admin.AdminError(str(exc)) from None
+    inv = created.invitation
+    data = {"link": created.link, "email": inv.email, "account": inv.account_name, "role": inv.role.value,
+            "expires_at": iso_time(inv.expires_at)}
+    return data, lambda d: (
+        f"{d['link']}\n# one-time link for {d['email']} ({d['role']} of {d['account']}), "
+        f"valid until {d['expires_at']}: send it to them, it is not shown again\n"
+    )
+
+
+@_handles("dashboard", "logins")
+async def _dashboard_logins(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    if args.login_action == "disable":
+        if not await store.disable_login(args.email):
+            raise admin.AdminError(f"no dashboard login for {args.email!r}")
+        return {"disabled": args.email.lower()}, lambda d: f"disabled {d['disabled']}; its sessions ended\n"
+    data = [
+        {"email": x.email, "account": x.account_name, "role": x.role.value,
+         "created_at": iso_time(x.created_at), "disabled_at": iso_time(x.disabled_at)}
+        for x in await store.list_logins()
+    ]
+    return data, lambda d: _table(d, ["email", "account", "role", "created_at", "disabled_at"])
+
+
+@_handles("dashboard", "sessions")
+async def _dashboard_sessions(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    if args.session_action == "list":
+        data = [
+            {"id": x.public_id, "email": x.email, "account": x.account_name, "role": x.role.value,
+             "created_at": iso_time(x.created_at), "last_seen_at": iso_time(x.last_seen_at),
+             "expires_at": iso_time(x.expires_at), "address": x.address}
+            for x in await store.list_sessions(args.email)
+        ]
+        return data, lambda d: _table(d, ["id", "email", "account", "role", "created_at", "last_seen_at"])
+    count = await store.revoke_sessions(public_id=args.session, email=args.email, everyone=args.all)
+    if args.session and not count:
+        raise admin.AdminError(f"no live session {args.session!r} (see `quota-proxy dashboard sessions list`)")
+    return {"revoked": count}, lambda d: f"revoked {d['revoked']} session(s)\n"
 
 
 def _config_view(settings: Settings) -> dict[str, Any]:

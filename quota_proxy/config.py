@@ -31,6 +31,7 @@ TIERS = ("trusted", "community")
 OVERDRAFT_MODES = ("cap", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
+SECURE_COOKIES = ("auto", "always", "never")
 
 
 class ConfigError(Exception):
@@ -72,7 +73,22 @@ class ServerSettings:
     metrics_token: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
     log_level: Annotated[str, Rule(choices=LOG_LEVELS)] = "info"
     log_format: Annotated[str, Rule(choices=LOG_FORMATS)] = "auto"
-    public_url: Annotated[str | None, Rule(url=True)] = None  # where users reach the gateway: return URLs, links
+    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links,
+    # Stripe Checkout's return URLs (required with [payments.stripe]).
+    public_url: Annotated[str | None, Rule(url=True)] = None
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    """The web dashboard: where it is mounted and how its sessions behave."""
+
+    enabled: bool = True
+    path: str = "/dashboard"  # not under /v1; kept without a trailing "/"
+    # "auto": Secure cookies over TLS or with an https public_url; "always"; "never".
+    secure_cookies: Annotated[str, Rule(choices=SECURE_COOKIES)] = "auto"
+    session_idle_minutes: Annotated[int, Rule(low=1)] = 60
+    session_max_hours: Annotated[int, Rule(low=1)] = 12
+    invitation_hours: Annotated[int, Rule(low=1)] = 72
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +161,7 @@ class Settings:
     store: StoreSettings = StoreSettings()
     billing: BillingSettings = BillingSettings()
     funding: FundingSettings = FundingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
@@ -215,6 +232,11 @@ def parse_settings(
         store = StoreSettings(path=base_dir / store.path)
     billing = BillingSettings(**v.read("billing", raw.get("billing"), BillingSettings))
     funding = FundingSettings(**v.read("funding", raw.get("funding"), FundingSettings))
+    dashboard = DashboardSettings(**v.read("dashboard", raw.get("dashboard"), DashboardSettings))
+    path = dashboard.path.rstrip("/")
+    if not path.startswith("/") or path == "/v1" or path.startswith("/v1/") or any(c in path for c in "?#% "):
+        v.problem("dashboard.path", 'must be a path such as "/dashboard" (not / and not under /v1)')
+    dashboard = replace(dashboard, path=path)
 
     upstreams: dict[str, Upstream] = {}
     for name, table in v.table("upstreams", raw.get("upstreams")).items():
@@ -268,6 +290,7 @@ def parse_settings(
         store=store,
         billing=billing,
         funding=funding,
+        dashboard=dashboard,
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),

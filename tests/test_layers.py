@@ -29,7 +29,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi",
+                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models",
                 "payments", "payments.settings", "payments.codes", "payments.throttle",
             }
         ),
@@ -38,8 +38,8 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
     (
         "core",
         frozenset(
-            {"config", "asgi", "views", "state", "store", "store.sqlite", "payments.stripe_events",
-             "payments.views"}
+            {"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite",
+             "payments.stripe_events", "payments.views"}
         ),
     ),
     # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
@@ -53,7 +53,9 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
     ("metering", frozenset({"meter", "reply", "metering"})),
     # Operator actions (the CLI's backend) and what every endpoint shares.
     ("operations", frozenset({"admin", "api.common", "payments.admin"})),
-    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops"})),
+    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage"})),
+    # The web dashboard: pages for people over the operations and endpoints below it.
+    ("dashboard", frozenset({"dashboard"})),
     ("app", frozenset({"app"})),
     # Processes and kits: may import anything below.
     ("entry points", frozenset({"", "__main__", "cli", "serve", "demo", "testing", "testing_stripe"})),

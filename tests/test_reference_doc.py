@@ -74,7 +74,8 @@ def accepted_keys(section: str) -> set[str]:
 
 
 SECTIONS = (
-    "server", "store", "billing", "funding", "upstreams", "routes", "packages", "payments.stripe", "alerts"
+    "server", "store", "billing", "funding", "dashboard", "upstreams", "routes", "packages", "payments.stripe",
+    "alerts",
 )
 # [payments.stripe] needs its secrets in the environment and a public URL to parse at all.
 STRIPE_ENV = {"K": "sk_test_x", "H": "whsec_x"}

@@ -25,6 +25,7 @@ import anyio
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.dashboard_sqlite import DashboardQueries
 from quota_proxy.store.models import (
     Account,
     ChargeDetails,
@@ -49,6 +50,7 @@ MIGRATIONS: dict[int, str] = {
     2: "schema_v2.sql",
     3: "schema_v3.sql",
     4: "schema_v4.sql",
+    5: "schema_v5.sql",
     6: "schema_v6.sql",  # orders, payment events, redemption codes, low-balance alerts
 }
 LATEST_VERSION = max(MIGRATIONS)
@@ -167,7 +169,7 @@ def _ledger(row: Any) -> LedgerEntry:
                        idempotency_key, related_id, description, created_at, charge)
 
 
-class SqliteStore:
+class SqliteStore(DashboardQueries):
     """The store interface over one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
