@@ -35,6 +35,7 @@ from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
+from quota_proxy.payments.checkout import Checkout
 from quota_proxy.payments.stripe_checkout import StripeCheckout
 from quota_proxy.routing import RouteTable
 from quota_proxy.store import SqliteStore
@@ -77,11 +78,12 @@ class Gateway:
         ops = OpsApi(self.services)
         stripe_settings = settings.payments.stripe
         self.stripe = (
-            StripeCheckout(stripe_settings, settings.server.public_url or "")
+            StripeCheckout(stripe_settings, settings.server.public_url or "", settings.dashboard.path)
             if stripe_settings is not None
             else None
         )
-        payments = PaymentsApi(self.services, PaymentStore(self.store), self.stripe)
+        self.checkout = Checkout(PaymentStore(self.store), self.stripe)
+        payments = PaymentsApi(self.services, self.checkout)
         alert_store = AlertStore(self.store)
         alerts = AlertsApi(self.services, alert_store)
         self.alert_dispatcher = AlertDispatcher(alert_store, settings.alerts, settings.money)
@@ -112,7 +114,8 @@ class Gateway:
         }
         self._app: ASGIApp = RequestContextMiddleware(
             mount_dashboard(
-                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
+                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down,
+                self.checkout,
             ),
             observers=(metrics.observe,),
         )

@@ -223,7 +223,7 @@ class FakeStripe:
             return
         total = f"{session['amount_total'] / 100:.2f} {session['currency'].upper()}"
         html = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>Fake Stripe Checkout</title></head>"
+            "<!doctype html><html><head><meta charset='utf-8'><title>Fake Stripe Checkout</title><link rel='icon' href='data:,'></head>"
             f"<body><h1>Fake Stripe Checkout</h1><p id='total'>{total}</p>"
             f"<form method='post'><button id='pay' type='submit'>Pay {total}</button></form></body></html>"
         )

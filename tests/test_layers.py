@@ -47,7 +47,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "request path",
         frozenset(
             {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
-             "http_protocol", "alerts", "payments.stripe_checkout"}
+             "http_protocol", "alerts", "payments.stripe_checkout", "payments.checkout"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),

@@ -180,8 +180,9 @@ async def test_purchase_credits_exactly_the_orders_tokens(shop: Shop) -> None:
     assert len(params["line_items"]) == 1
     price = params["line_items"][0]["price_data"]
     assert (price["unit_amount"], price["currency"]) == ("500", "usd")
-    assert params["success_url"].startswith("https://gateway.example.com/dashboard/")
-    assert params["cancel_url"].startswith("https://gateway.example.com/dashboard/")
+    order_page = f"https://gateway.example.com/dashboard/orders/{order['order_id']}"
+    assert params["success_url"] == order_page + "?checkout=success"
+    assert params["cancel_url"] == order_page + "?checkout=cancelled"
 
     assert await shop.h.balance("acme") == 0
     paid = await shop.pay(order)

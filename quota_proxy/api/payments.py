@@ -10,7 +10,6 @@ outran our own record of the checkout).
 from __future__ import annotations
 
 import logging
-from decimal import Decimal
 from typing import Any
 
 from quota_proxy.api.common import Services, require_secret
@@ -18,8 +17,9 @@ from quota_proxy.asgi import Receive, Scope, Send, header, read_body, send_json
 from quota_proxy.config import Package
 from quota_proxy.errors import BadRequest, NotFound, QuotaError, RateLimited
 from quota_proxy.json_body import read_object
+from quota_proxy.payments.checkout import Checkout, PaymentsDisabled
 from quota_proxy.payments.codes import code_digest
-from quota_proxy.payments.stripe_checkout import PaymentProviderError, SignatureInvalid, StripeCheckout
+from quota_proxy.payments.stripe_checkout import PaymentProviderError, SignatureInvalid
 from quota_proxy.payments.stripe_events import (
     EXPIRED_TYPE,
     PAID_TYPES,
@@ -36,7 +36,6 @@ from quota_proxy.store.payments import (
     CodeRefused,
     EventOutcome,
     EventResult,
-    PaymentStore,
     RetryLater,
 )
 
@@ -75,15 +74,12 @@ class TryAgain(QuotaError):
     status, code, type = 503, "retry_later", "api_error"
 
 
-def cents(price_usd: Decimal) -> int:
-    return int(price_usd * 100)
-
-
 class PaymentsApi:
-    def __init__(self, services: Services, orders: PaymentStore, stripe: StripeCheckout | None) -> None:
+    def __init__(self, services: Services, checkout: Checkout) -> None:
         self.s = services
-        self.orders = orders
-        self.stripe = stripe
+        self.checkout_flow = checkout
+        self.orders = checkout.orders
+        self.stripe = checkout.stripe
         self.code_misses = FailureThrottle(limit=10, window_s=600)
 
     # -- checkout -------------------------------------------------------------------
@@ -95,23 +91,14 @@ class PaymentsApi:
         if not isinstance(package_id, str) or not package_id:
             raise BadRequest("Missing required parameter: 'package' (a package id).", param="package")
         package = self._package(package_id)
-        if self.stripe is None:
-            raise PaymentsNotConfigured()
-        order = await self.orders.create_order(
-            key.account_id, package.id, cents(package.price_usd), self.stripe.settings.currency,
-            package.quota_tokens, PROVIDER,
-        )
         try:
-            session = await self.stripe.create_session(order, package)
+            order = await self.checkout_flow.open(key.account_id, package)
+        except PaymentsDisabled:
+            raise PaymentsNotConfigured() from None
         except PaymentProviderError as exc:
-            await self.orders.abandon_order(order.public_id)
-            logger.warning("checkout for order %s failed: %s", order.public_id, exc)
             raise PaymentProviderFailed(f"The payment provider failed: {exc}") from None
-        await self.orders.attach_checkout(order.public_id, session.id, session.url)
-        fresh = await self.orders.order(order.public_id)
-        assert fresh is not None
         request_state(scope).log.update(order=order.public_id, package=package.id)
-        await send_json(send, 200, order_view(fresh, self.s.money))
+        await send_json(send, 200, order_view(order, self.s.money))
 
     def _package(self, package_id: str) -> Package:
         for package in self.s.settings.packages:

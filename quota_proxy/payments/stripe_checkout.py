@@ -52,9 +52,10 @@ class _HTTPXClient(stripe.HTTPXClient):
 class StripeCheckout:
     provider = "stripe"
 
-    def __init__(self, settings: StripeSettings, public_url: str) -> None:
+    def __init__(self, settings: StripeSettings, public_url: str, dashboard_path: str = "/dashboard") -> None:
         self.settings = settings
         self.public_url = public_url.rstrip("/")
+        self.dashboard_path = dashboard_path.rstrip("/")
         self.client = stripe.StripeClient(
             settings.secret_key,
             base_addresses={"api": settings.api_base},
@@ -65,7 +66,7 @@ class StripeCheckout:
     def session_params(self, order: Order, package: Package) -> dict[str, Any]:
         """What the Checkout Session is created with; the order id is its reference, three times
         (client_reference_id, metadata, and the PaymentIntent's metadata for refunds)."""
-        dashboard = f"{self.public_url}/dashboard/packages"
+        order_page = f"{self.public_url}{self.dashboard_path}/orders/{order.public_id}"
         return {
             "mode": "payment",
             "line_items": [
@@ -83,8 +84,8 @@ class StripeCheckout:
             "client_reference_id": order.public_id,
             "metadata": {"order_id": order.public_id, "package": package.id},
             "payment_intent_data": {"metadata": {"order_id": order.public_id}},
-            "success_url": f"{dashboard}?checkout=success&order={order.public_id}",
-            "cancel_url": f"{dashboard}?checkout=cancelled&order={order.public_id}",
+            "success_url": f"{order_page}?checkout=success",
+            "cancel_url": f"{order_page}?checkout=cancelled",
         }
 
     async def create_session(self, order: Order, package: Package) -> CheckoutSession:
