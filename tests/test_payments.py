@@ -334,6 +334,15 @@ async def test_a_paid_event_that_outran_our_record_of_the_checkout_still_credits
     assert await shop.h.balance("acme") == STARTER_TOKENS
 
 
+async def test_a_paid_session_without_references_is_found_by_its_session(shop: Shop) -> None:
+    order = await shop.checkout("starter")
+    paid = await shop.pay(order, deliver=False)
+    bare = {**paid["event"]["data"]["object"], "client_reference_id": None, "metadata": {}}
+    assert (await shop.emit("checkout.session.completed", bare))["statuses"] == [200]
+    assert await shop.h.balance("acme") == STARTER_TOKENS
+    assert (await shop.order(order["order_id"]))["status"] == "paid"
+
+
 async def test_an_unpaid_completion_waits_for_async_payment_succeeded(shop: Shop) -> None:
     order = await shop.checkout("starter")
     paid = await shop.pay(order, deliver=False)

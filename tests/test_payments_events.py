@@ -56,7 +56,6 @@ def test_a_paid_session_reads_into_typed_facts() -> None:
         ({"mode": "subscription"}, {}, "mode"),
         ({"id": "cs_test_other"}, {}, "is not the checkout"),
         ({"client_reference_id": "ord_2"}, {}, "client_reference_id"),
-        ({"client_reference_id": None}, {}, "client_reference_id"),
         ({}, {"provider": "paypal"}, "paypal"),
         ({}, {"provider_ref": None}, "is not the checkout"),
     ],
@@ -68,6 +67,15 @@ def test_a_session_that_disagrees_with_its_order_is_refused(
     assert isinstance(event, SessionEvent)
     problem = session_mismatch(dataclasses.replace(ORDER, **order_changes), event)
     assert problem is not None and reason in problem
+
+
+def test_a_session_without_references_is_judged_by_its_session_id() -> None:
+    event = parse_event(session_event(client_reference_id=None, metadata={}))
+    assert isinstance(event, SessionEvent) and event.order_ref is None
+    assert session_mismatch(ORDER, event) is None  # the stored session id is the binding
+    other = parse_event(session_event(client_reference_id=None, metadata={}, id="cs_test_2"))
+    assert isinstance(other, SessionEvent)
+    assert session_mismatch(ORDER, other) is not None
 
 
 def test_refunds_and_other_events() -> None:

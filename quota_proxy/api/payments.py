@@ -10,7 +10,6 @@ outran our own record of the checkout).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from quota_proxy.api.common import Services, require_secret
 from quota_proxy.asgi import Receive, Scope, Send, header, read_body, send_json
@@ -27,6 +26,7 @@ from quota_proxy.payments.stripe_events import (
     MalformedEvent,
     RefundEvent,
     SessionEvent,
+    StripeEvent,
     session_mismatch,
 )
 from quota_proxy.payments.throttle import FailureThrottle
@@ -196,11 +196,9 @@ class PaymentsApi:
              "order_id": result.order_id},
         )
 
-    async def _apply(self, event: Any) -> EventResult:
+    async def _apply(self, event: StripeEvent) -> EventResult:
         store = self.orders
         if isinstance(event, SessionEvent):
-            if event.order_ref is None:
-                return await store.record_ignored(PROVIDER, event.event_id, event.type, "no order reference")
             if event.type in PAID_TYPES:
                 if event.payment_status != "paid":
                     # Completed but not yet paid (a delayed method): async_payment_succeeded follows.

@@ -128,7 +128,7 @@ def session_mismatch(order: Order, event: SessionEvent) -> str | None:
         return f"order {order.public_id} is paid through {order.provider!r}, not stripe"
     if order.provider_ref != event.session_id:
         return f"session {event.session_id} is not the checkout of order {order.public_id}"
-    if event.client_reference_id != order.public_id:
+    if event.client_reference_id not in (None, order.public_id):
         return f"client_reference_id {event.client_reference_id!r} does not name order {order.public_id}"
     if event.mode != "payment":
         return f"mode {event.mode!r} is not payment"

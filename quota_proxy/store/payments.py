@@ -8,7 +8,6 @@ conditional UPDATE; a code claimed by a conditional UPDATE). Those transactions 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -220,7 +219,7 @@ class PaymentStore:
         provider: str,
         event_id: str,
         event_type: str,
-        order_ref: str,
+        order_ref: str | None,
         session_ref: str,
         payment_ref: str | None,
         check: OrderCheck,
@@ -230,7 +229,12 @@ class PaymentStore:
         async with self._transaction() as tx:
             if not await self._claim_event(tx, provider, event_id, event_type):
                 return EventResult(EventOutcome.DUPLICATE)
-            order = await self._order_in_tx(tx, "o.public_id = ?", (order_ref,))
+            if order_ref is not None:
+                order = await self._order_in_tx(tx, "o.public_id = ?", (order_ref,))
+            else:  # no reference in the event: the session it was opened with names it
+                order = await self._order_in_tx(
+                    tx, "o.provider = ? AND o.provider_ref = ?", (provider, session_ref)
+                )
             if order is None:
                 return await self._finish_event(
                     tx, provider, event_id,
@@ -281,13 +285,13 @@ class PaymentStore:
             )
 
     async def apply_expired(
-        self, provider: str, event_id: str, event_type: str, order_ref: str, provider_ref: str
+        self, provider: str, event_id: str, event_type: str, order_ref: str | None, provider_ref: str
     ) -> EventResult:
         async with self._transaction() as tx:
             if not await self._claim_event(tx, provider, event_id, event_type):
                 return EventResult(EventOutcome.DUPLICATE)
             order = await self._order_in_tx(
-                tx, "o.public_id = ? AND o.provider = ? AND o.provider_ref = ?",
+                tx, "coalesce(?, o.public_id) = o.public_id AND o.provider = ? AND o.provider_ref = ?",
                 (order_ref, provider, provider_ref),
             )
             if order is None:
@@ -452,7 +456,3 @@ class PaymentStore:
                 "ledger_id", "created_at")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
-
-def is_busy(exc: BaseException) -> bool:
-    """A transient store failure (locked, busy, I/O): the provider should retry."""
-    return isinstance(exc, sqlite3.OperationalError)
