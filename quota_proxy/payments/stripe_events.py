@@ -130,7 +130,7 @@ def session_mismatch(order: Order, event: SessionEvent) -> str | None:
         return f"session {event.session_id} is not the checkout of order {order.public_id}"
     if event.client_reference_id not in (None, order.public_id):
         return f"client_reference_id {event.client_reference_id!r} does not name order {order.public_id}"
-    if event.mode != "payment":
+    if event.mode not in (None, "payment"):
         return f"mode {event.mode!r} is not payment"
     if event.amount_total != order.amount_cents:
         return f"amount_total {event.amount_total} != the order's {order.amount_cents}"
