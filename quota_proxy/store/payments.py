@@ -336,11 +336,15 @@ class PaymentStore:
                 tx, "o.provider = ? AND o.payment_ref = ?", (provider, payment_ref)
             )
             if order is None and order_ref is not None:
-                pending = await self._order_in_tx(
+                # The charge names its order (the PaymentIntent's metadata): a payment not
+                # recorded yet is retried later; a paid order without a recorded payment is it.
+                named = await self._order_in_tx(
                     tx, "o.public_id = ? AND o.provider = ?", (order_ref, provider)
                 )
-                if pending is not None and pending.status == "pending":
+                if named is not None and named.status == "pending":
                     raise RetryLater(f"order {order_ref} is refunded before its payment was recorded")
+                if named is not None and named.payment_ref is None:
+                    order = named
             if order is None:
                 return await self._finish_event(
                     tx, provider, event_id,
