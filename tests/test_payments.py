@@ -322,6 +322,11 @@ async def test_a_paid_event_that_outran_our_record_of_the_checkout_still_credits
         "currency": "usd", "client_reference_id": order.public_id, "metadata": {"order_id": order.public_id},
         "mode": "payment", "payment_status": "paid", "status": "complete", "payment_intent": "pi_test_u",
     }
+    # First a signed event with the wrong amount: it credits nothing and binds nothing.
+    cheap = {**session, "id": "cs_test_cheap", "amount_total": 1}
+    assert (await shop.emit("checkout.session.completed", cheap))["statuses"] == [200]
+    unbound = await payments.order(order.public_id)
+    assert unbound is not None and unbound.provider_ref is None and unbound.status == "pending"
     result = await shop.emit("checkout.session.completed", session)
     assert result["statuses"] == [200]
     assert await shop.deliver(result["event"]["id"], times=3, concurrent=True) == [200] * 3

@@ -8,6 +8,7 @@ conditional UPDATE; a code claimed by a conditional UPDATE). Those transactions 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -243,14 +244,18 @@ class PaymentStore:
             if order.provider == provider and order.provider_ref is None and order.status == "pending":
                 # The provider opened this checkout but our record of it is missing: the event
                 # outran attach_checkout, or the process died between the two. The event is
-                # signed and names this order, so adopt its session; every check below still runs.
-                await tx.execute(
-                    "UPDATE orders SET provider_ref = ? WHERE id = ? AND provider_ref IS NULL",
-                    (session_ref, order.id),
-                )
-                order = await self._order_in_tx(tx, "o.id = ?", (order.id,))
-                assert order is not None
-            problem = check(order)
+                # signed and names this order, so it adopts the event's session — only if every
+                # check passes with it, so a bad event cannot bind the order to a wrong session.
+                adopted = dataclasses.replace(order, provider_ref=session_ref)
+                problem = check(adopted)
+                if problem is None:
+                    await tx.execute(
+                        "UPDATE orders SET provider_ref = ? WHERE id = ? AND provider_ref IS NULL",
+                        (session_ref, order.id),
+                    )
+                    order = adopted
+            else:
+                problem = check(order)
             if problem is not None:
                 return await self._finish_event(
                     tx, provider, event_id,
