@@ -8,6 +8,7 @@ import pytest
 from playwright.async_api import Browser
 
 from quota_proxy.dashboard.invites import invite
+from quota_proxy.store.alerts import AlertStore
 from tests.conftest import GatewayFactory, GatewayHarness, closed_port
 from tests.test_dashboard_browser import accept_invitation, browser, open_tab, text_of  # noqa: F401
 from tests.test_payments import (  # noqa: F401
@@ -62,3 +63,30 @@ async def test_packages_buy_pay_and_back_with_the_new_balance(
 
     assert await gw.balance("acme") == STARTER_TOKENS
     await gw.verify()
+
+
+async def test_low_balance_alerts_are_set_on_the_overview(gateway: GatewayHarness, browser: Browser) -> None:  # noqa: F811
+    gw = gateway
+    acme = await gw.account("acme", 0)
+    link = (await invite(gw.store, gw.settings, "acme", "dev@acme.io", "developer", gw.url)).link
+    dev = await open_tab(browser, "alerts")
+    await accept_invitation(dev, link, "dev@acme.io")
+    await dev.page.get_by_label("Alert webhook URL").fill("https://app.example.com/hooks/quota")
+    await dev.page.get_by_label("Thresholds for your balance (USD, comma-separated)").fill("5, 1.50")
+    await dev.page.get_by_label("Thresholds for each app user's balance (USD, comma-separated)").fill("0.000")
+    await dev.page.get_by_role("button", name="Save alerts").click()
+    assert "greater than 0" in await text_of(dev.page, "p.error")  # refused, nothing saved
+    assert await AlertStore(gw.store).get(acme.id) is None
+    await dev.page.get_by_label("Thresholds for each app user's balance (USD, comma-separated)").fill("0.25")
+    await dev.page.get_by_role("button", name="Save alerts").click()
+    await dev.page.get_by_text("Alert settings saved.").wait_for()
+    await dev.shot("alerts-saved")
+    saved = await AlertStore(gw.store).get(acme.id)
+    assert saved is not None
+    assert (saved.webhook_url, saved.thresholds, saved.user_thresholds) == (
+        "https://app.example.com/hooks/quota", (5_000_000, 1_500_000), (250_000,)
+    )
+    assert await text_of(dev.page, "#alerts-secret") == saved.signing_secret
+    assert await dev.page.get_by_label("Thresholds for your balance (USD, comma-separated)").input_value() == "5.00, 1.50"
+    # No console errors but the 400 this test provoked on purpose.
+    assert [e for e in dev.errors if "status of 400" not in e] == []

@@ -83,6 +83,7 @@ def create_dashboard(
     env.filters["number"] = number
     routes = [
         Route("/", developer.overview, methods=["GET"]),
+        Route("/alerts", developer.save_alerts, methods=["POST"]),
         Route("/signin", signin.signin_page, methods=["GET"]),
         Route("/signin", signin.signin, methods=["POST"]),
         Route("/invitation", signin.invitation_page, methods=["GET"]),
