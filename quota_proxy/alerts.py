@@ -40,6 +40,7 @@ logger = logging.getLogger("quota_proxy.alerts")
 SIGNATURE_HEADER = "Quota-Signature"
 EVENT_TYPE = "balance.low"
 MAX_BACKOFF_S = 6 * 3600
+LEASE_MARGIN_S = 5.0
 
 
 def sign(secret: str, timestamp: int, payload: bytes) -> str:
@@ -119,7 +120,10 @@ class AlertDispatcher:
 
     async def tick(self, client: httpx.AsyncClient) -> None:
         await self.store.scan(self.build)
-        lease_ms = int((self.config.timeout_s + 30) * 1000)
+        # A claimed delivery is leased for longer than one attempt may take (fail_after below),
+        # so no other process sends it meanwhile; a process killed mid-attempt delays its
+        # retry by at most this lease.
+        lease_ms = int((self.config.timeout_s + LEASE_MARGIN_S) * 1000)
         for delivery in await self.store.claim_due(lease_ms):
             await self._deliver(client, delivery)
 
@@ -135,9 +139,12 @@ class AlertDispatcher:
         }
         error: str | None = None
         try:
-            response = await client.post(d.webhook_url, content=d.payload, headers=headers)
+            with anyio.fail_after(self.config.timeout_s):
+                response = await client.post(d.webhook_url, content=d.payload, headers=headers)
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code}"
+        except TimeoutError:
+            error = f"no answer within {self.config.timeout_s:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:

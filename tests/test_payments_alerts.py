@@ -28,7 +28,7 @@ from tests.conftest import GatewayHarness, closed_port, config_toml, run_cli
 pytestmark = pytest.mark.anyio
 
 USD = 1_000_000
-FAST_ALERTS = "[alerts]\npoll_interval_s = 0.1\nretry_base_s = 0.2\n"
+FAST_ALERTS = "[alerts]\npoll_interval_s = 0.1\nretry_base_s = 0.2\ntimeout_s = 1\n"
 
 
 @dataclass
@@ -66,7 +66,7 @@ async def receiver() -> AsyncIterator[Receiver]:
         server.close()
 
 
-async def until(predicate: Any, timeout_s: float = 15.0) -> None:
+async def until(predicate: Any, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
