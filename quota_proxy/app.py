@@ -17,10 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from quota_proxy.agents import AgentApi, AnthropicErrorShape, anthropic_models
+from quota_proxy.alerts import AlertDispatcher
 from quota_proxy.api.account import AccountApi
+from quota_proxy.api.alerts import AlertsApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
+from quota_proxy.api.payments import PaymentsApi
 from quota_proxy.api.usage import UsageApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, header, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
@@ -33,14 +36,20 @@ from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
+from quota_proxy.payments.checkout import Checkout
+from quota_proxy.payments.stripe_checkout import StripeCheckout
 from quota_proxy.routing import RouteTable
 from quota_proxy.store import SqliteStore
+from quota_proxy.store.alerts import AlertStore
+from quota_proxy.store.payments import PaymentStore
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
 
 # /api/hello: Claude Code's reachability probe of its base URL (HEAD and GET).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json", "/api/hello"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json", "/api/hello", "/webhooks/stripe"}
+)
 
 
 class Gateway:
@@ -70,6 +79,17 @@ class Gateway:
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
+        stripe_settings = settings.payments.stripe
+        self.stripe = (
+            StripeCheckout(stripe_settings, settings.server.public_url or "", settings.dashboard.path)
+            if stripe_settings is not None
+            else None
+        )
+        self.checkout = Checkout(PaymentStore(self.store), self.stripe)
+        payments = PaymentsApi(self.services, self.checkout)
+        alert_store = AlertStore(self.store)
+        alerts = AlertsApi(self.services, alert_store)
+        self.alert_dispatcher = AlertDispatcher(alert_store, settings.alerts, settings.money)
         self._exact: dict[str, dict[str, ASGIApp]] = {
             "/v1/chat/completions": {"POST": inference},
             "/v1/completions": {"POST": inference},
@@ -88,6 +108,11 @@ class Gateway:
             "/metrics": {"GET": ops.metrics},
             "/openapi.json": {"GET": ops.openapi},
             "/api/hello": {"GET": agents.hello, "HEAD": agents.hello},
+            "/v1/checkout": {"POST": payments.checkout},
+            "/v1/orders": {"GET": payments.list_orders},
+            "/v1/redeem": {"POST": payments.redeem},
+            "/webhooks/stripe": {"POST": payments.stripe_webhook},
+            "/v1/alerts": {"GET": alerts.show, "PUT": alerts.update},
         }
         self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -98,7 +123,10 @@ class Gateway:
         self._app: ASGIApp = AnthropicErrorShape(
             RequestContextMiddleware(
                 mount_dashboard(
-                    AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
+                    AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS),
+                    self.services,
+                    proxy.cooling_down,
+                    self.checkout,
                 ),
                 observers=(metrics.observe,),
             )
@@ -176,11 +204,13 @@ class Gateway:
         if self.reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            async with self.keeper.running():
+            async with self.keeper.running(), self.alert_dispatcher.running():
                 yield
         finally:
             if self._own_client:
                 await self.http_client.aclose()
+            if self.stripe is not None:
+                await self.stripe.aclose()
             await self.store.close()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -130,8 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
+    _payment_commands(cmd)
     _dashboard_parser(cmd)
     return parser
+
+
+def _payment_commands(cmd: Any) -> None:
+    orders = cmd("orders", "package orders paid through a provider").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = cmd("list", "an account's orders, newest first", orders)
+    p.add_argument("--account", required=True)
+    p.add_argument("--limit", type=_positive, default=100)
+
+    codes = cmd("codes", "redemption codes").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("create", "create codes for a package; they are printed once", codes)
+    p.add_argument("--package", required=True, metavar="ID")
+    p.add_argument("--count", type=_positive, default=1)
+    p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (end of day, UTC) or ISO datetime")
+    cmd("list", "codes and who claimed them (never the codes themselves)", codes)
+
+    alerts = cmd("alerts", "low-balance alerts").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("set", "where an account's alerts go and at which balances", alerts)
+    p.add_argument("--account", required=True)
+    p.add_argument("--url", required=True, help="the webhook the signed alerts are POSTed to")
+    p.add_argument("--thresholds", default="", help="dollars, comma-separated, for the account's balance")
+    p.add_argument("--user-thresholds", default="", help="dollars, comma-separated, for each app user's")
+    p = cmd("show", "an account's alert settings and latest deliveries", alerts)
+    p.add_argument("--account", required=True)
 
 
 def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
@@ -444,6 +469,63 @@ async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteSt
     await store.set_billing_mode(user.id, args.mode)
     data = user_view(await admin.app_user(store, account, args.user), s.money)
     return data, lambda d: f"{d['external_user_id']}: billing mode {d['billing_mode']}\n"
+
+
+@_handles("orders", "list")
+async def _orders_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.list_orders(store, s, args.account, args.limit)
+    return data, lambda d: _table(d, ["order_id", "created_at", "status", "package", "price",
+                                      "quota_tokens", "ledger_id", "refunded_quota_tokens"])
+
+
+@_handles("codes", "create")
+async def _codes_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.create_codes(store, s, args.package, args.count, args.expires)
+    return data, lambda d: "".join(f"{c}\n" for c in d["codes"]) + (
+        f"# {len(d['codes'])} code(s) for package {d['package']} ({d['quota_tokens']} quota tokens"
+        f"{', expiring ' + d['expires_at'] if d['expires_at'] else ''}): shown once, store them now\n"
+    )
+
+
+@_handles("codes", "list")
+async def _codes_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.list_codes(store)
+    return data, lambda d: _table(d, ["id", "package", "quota_tokens", "expires_at", "claimed_by", "claimed_at"])
+
+
+@_handles("alerts", "set")
+async def _alerts_set(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.payments import admin as pay
+
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    data = await pay.set_alerts(store, s, args.account, args.url, split(args.thresholds),
+                                split(args.user_thresholds))
+    return data, _alerts_table
+
+
+@_handles("alerts", "show")
+async def _alerts_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+    from quota_proxy.payments import admin as pay
+
+    return await pay.show_alerts(store, s, args.account), _alerts_table
+
+
+def _alerts_table(d: dict[str, Any]) -> str:
+    levels = ", ".join(t["amount"] for t in d["thresholds"]) or "-"
+    users = ", ".join(t["amount"] for t in d["user_thresholds"]) or "-"
+    text = (f"alerts for {d['account']}: {d['webhook_url'] or '(none)'}\n"
+            f"thresholds: {levels}; app users: {users}\nsigning secret: {d['signing_secret'] or '-'}\n")
+    if d.get("deliveries"):
+        text += _table(d["deliveries"], ["id", "account", "threshold_quota_tokens", "status", "attempts"])
+    return text
 
 
 @_handles("dashboard", "invite")

@@ -24,6 +24,7 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
+from quota_proxy.payments.settings import AlertConfig, PaymentSettings, parse_alerts, parse_payments
 from quota_proxy.usage import BucketWeights
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
@@ -75,7 +76,8 @@ class ServerSettings:
     metrics_token: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
     log_level: Annotated[str, Rule(choices=LOG_LEVELS)] = "info"
     log_format: Annotated[str, Rule(choices=LOG_FORMATS)] = "auto"
-    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links.
+    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links,
+    # Stripe Checkout's return URLs (required with [payments.stripe]).
     public_url: Annotated[str | None, Rule(url=True)] = None
 
 
@@ -176,6 +178,8 @@ class Settings:
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
+    payments: PaymentSettings = PaymentSettings()  # read by quota_proxy.payments.settings
+    alerts: AlertConfig = AlertConfig()
     source: Annotated[Path | None, NOT_IN_FILE] = None
     warnings: Annotated[tuple[str, ...], NOT_IN_FILE] = ()
 
@@ -283,6 +287,15 @@ def parse_settings(
         seen_ids.add(package.id)
         packages.append(package if package.name else replace(package, name=package.id))
 
+    payments, problems = parse_payments(
+        raw.get("payments"), env, {p.id: p.price_usd for p in packages}
+    )
+    v.problems.extend(problems)
+    if payments.stripe is not None and not server.public_url:
+        v.problem("server.public_url", "is required with [payments.stripe] (Checkout's return URLs)")
+    alerts, problems = parse_alerts(raw.get("alerts"))
+    v.problems.extend(problems)
+
     if v.problems:
         raise ConfigError(v.problems)
     return Settings(
@@ -294,6 +307,8 @@ def parse_settings(
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),
+        payments=payments,
+        alerts=alerts,
         source=source,
         warnings=tuple(v.warnings),
     )

@@ -153,6 +153,21 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 INFERENCE_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 504)
+_ORDER: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "status", "package", "quota_tokens"],
+    "properties": {
+        "object": {"const": "order"},
+        "order_id": {"type": "string"},
+        "status": {"enum": ["pending", "paid", "expired", "refunded"]},
+        "package": {"type": "string"},
+        "amount_cents": {"type": "integer"},
+        "currency": {"type": "string"},
+        "quota_tokens": {"type": "integer"},
+        "checkout_url": {"type": ["string", "null"]},
+        "ledger_id": {"type": ["string", "null"]},
+    },
+}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 OPENAPI: dict[str, Any] = {
@@ -326,6 +341,58 @@ OPENAPI: dict[str, Any] = {
                 {**_json(ANY_OBJECT), **_errors(*INFERENCE_ERRORS)},
                 parameters=[_USER_ID],
                 requestBody=_body(_CHAT_REQUEST),
+            )
+        },
+        "/v1/checkout": {
+            "post": _op(
+                "Open a Stripe Checkout for a package: a pending order and its checkout_url (secret keys).",
+                {**_json(_ORDER), **_errors(400, 401, 403, 404, 413, 502)},
+                requestBody=_body(
+                    {"type": "object", "required": ["package"], "properties": {"package": {"type": "string"}}}
+                ),
+            )
+        },
+        "/v1/orders": {
+            "get": _op(
+                "The account's package orders, newest first (secret keys).",
+                {**_json({"type": "object", "properties": {"data": {"type": "array", "items": _ORDER}}}),
+                 **_errors(401, 403)},
+            )
+        },
+        "/v1/redeem": {
+            "post": _op(
+                "Redeem a code for its package; a code credits once.",
+                {**_json(ANY_OBJECT), **_errors(400, 401, 413, 429)},
+                requestBody=_body(
+                    {"type": "object", "required": ["code"], "properties": {"code": {"type": "string"}}}
+                ),
+            )
+        },
+        "/v1/alerts": {
+            "get": _op("Low-balance alert settings and recent deliveries (secret keys).",
+                       {**_json(ANY_OBJECT), **_errors(401, 403)}),
+            "put": _op(
+                "Replace the low-balance alert settings (secret keys).",
+                {**_json(ANY_OBJECT), **_errors(400, 401, 403, 413)},
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["webhook_url"],
+                        "properties": {
+                            "webhook_url": {"type": "string", "format": "uri"},
+                            "thresholds": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                            "user_thresholds": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                        },
+                    }
+                ),
+            ),
+        },
+        "/webhooks/stripe": {
+            "post": _op(
+                "Stripe's webhook: authenticated by its Stripe-Signature header only.",
+                {**_json(ANY_OBJECT), **_errors(400, 404, 413, 503)},
+                public=True,
+                requestBody=_body(ANY_OBJECT),
             )
         },
         "/healthz": {"get": _op("The process is up.", _json(ANY_OBJECT), public=True)},
