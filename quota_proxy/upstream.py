@@ -233,7 +233,7 @@ class UpstreamProxy:
     ) -> Outcome | None:
         """Relay a whole reply; None when a 200 cannot be what the caller asked for."""
         body = await response.aread()
-        _record_upstream_time(state, started)
+        record_upstream_time(state, started)
         error = translate_status(response)
         if error is not None:
             await send_error(send, error)
@@ -250,8 +250,8 @@ class UpstreamProxy:
     ) -> Outcome | None:
         """Relay an event stream as it arrives, once its first bytes show it is one."""
         chunks = response.aiter_raw()
-        first = await _first_bytes(chunks)
-        _record_upstream_time(state, started)
+        first = await first_bytes(chunks)
+        record_upstream_time(state, started)
         if not looks_like_event_stream(response.header(b"content-type"), first):
             return None
         await send(
@@ -283,7 +283,7 @@ class UpstreamProxy:
         return outcome
 
 
-async def _first_bytes(chunks: AsyncIterator[bytes]) -> bytes:
+async def first_bytes(chunks: AsyncIterator[bytes]) -> bytes:
     """The stream's first non-empty bytes (b"" if it ended at once)."""
     async for chunk in chunks:
         if chunk:
@@ -291,7 +291,7 @@ async def _first_bytes(chunks: AsyncIterator[bytes]) -> bytes:
     return b""
 
 
-def _record_upstream_time(state: RequestState, started: float) -> None:
+def record_upstream_time(state: RequestState, started: float) -> None:
     """The upstream's time before the gateway can answer: a whole reply, or a stream's first bytes."""
     elapsed = time.perf_counter() - started
     state.upstream_s = elapsed

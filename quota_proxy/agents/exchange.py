@@ -3,7 +3,6 @@ its usage in the upstream's own dialect, and the one settlement."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import orjson
 
 from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
 from quota_proxy.agents.request import AgentRequest, Mode, Protocol
-from quota_proxy.asgi import Message, Receive, Send, send_bytes, send_error
+from quota_proxy.asgi import Receive, Send, send_bytes, send_error, until_disconnect
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import ReadTimedOut, UpstreamClient, UpstreamHTTPError, UpstreamResponse
 from quota_proxy.state import Billing, RequestState
@@ -21,7 +20,9 @@ from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
 from quota_proxy.upstream import (
     MALFORMED,
+    first_bytes,
     looks_like_event_stream,
+    record_upstream_time,
     relay_headers,
     translate_exception,
     translate_status,
@@ -96,40 +97,11 @@ class Exchange:
 
     async def run(self, receive: Receive, send: Send) -> None:
         """Forward and relay; a caller who leaves cancels the upstream request at once."""
-        finished = False
-        left = False
-        task = asyncio.current_task()
-        assert task is not None
-
-        async def send_until_final(message: Message) -> None:
-            nonlocal finished
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
-            await send(message)
-
-        def on_receive(done: asyncio.Future[Message]) -> None:
-            nonlocal left
-            if done.cancelled() or done.exception() is not None or finished:
-                return
-            if done.result()["type"] == "http.disconnect":
-                left = True
-                task.cancel()
-
-        watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
-        watcher.add_done_callback(on_receive)
-        try:
-            await self._forward(send_until_final)
-        except asyncio.CancelledError:
-            if not left:
-                raise
-            task.uncancel()
-        finally:
-            watcher.remove_done_callback(on_receive)
-            watcher.cancel()
-        if left:
+        finished = await until_disconnect(receive, send, self._forward)
+        if finished is None:
             self.outcome = Outcome.CLIENT_DISCONNECTED
 
-    async def _forward(self, send: Send) -> None:
+    async def _forward(self, send: Send) -> bool:
         request = self.request
         log = self.state.log
         failure: QuotaError = UpstreamError("The route has no upstream.")
@@ -170,9 +142,10 @@ class Exchange:
                     await self._relay_whole(send, response, mode, started)
             finally:
                 await response.aclose()
-            return
+            return True
         self.outcome = failed
         await self._send_error(send, failure)
+        return True
 
     async def _send_error(self, send: Send, error: QuotaError) -> None:
         self.status = error.status
@@ -185,7 +158,7 @@ class Exchange:
             self.outcome = Outcome.UPSTREAM_ERROR
             await self._send_error(send, translate_exception(exc))
             return
-        _record_upstream_time(self.state, started)
+        record_upstream_time(self.state, started)
         error = translate_status(response)
         if error is not None:
             self.outcome = Outcome.UPSTREAM_ERROR
@@ -228,12 +201,8 @@ class Exchange:
         it is not one (an HTML error page from a proxy in between, a JSON body)."""
         request = self.request
         chunks = response.aiter_raw()
-        first = b""
-        async for chunk in chunks:
-            if chunk:
-                first = chunk
-                break
-        _record_upstream_time(self.state, started)
+        first = await first_bytes(chunks)
+        record_upstream_time(self.state, started)
         if not looks_like_event_stream(response.header(b"content-type"), first):
             return False
         meter = stream_meter(request.protocol, mode, self.extension, request.body, request.route.model)
@@ -351,9 +320,3 @@ def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:
     }
     return orjson.dumps({"type": "error", "error": out})
 
-
-def _record_upstream_time(state: RequestState, started: float) -> None:
-    """The upstream's time before the gateway can answer: a whole reply, or a stream's headers."""
-    elapsed = time.perf_counter() - started
-    state.upstream_s = elapsed
-    state.log["upstream_ms"] = round(elapsed * 1000, 3)
