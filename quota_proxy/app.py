@@ -75,7 +75,7 @@ class Gateway:
         self.services = Services(self.live, self.store, routes, keys, metrics)
         proxy = UpstreamProxy(self.http_client)
         self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
-        self.agents = agents = AgentApi(self.http_client, self.store, self.live, routes, self.keeper)
+        self.agents = agents = AgentApi(proxy, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)

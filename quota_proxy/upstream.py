@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -106,6 +106,22 @@ class HopResult:
     upstream_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attempt's request to one upstream: a path that translates writes one per upstream."""
+
+    url: str
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+# The attempt loop's two seams: the request for an upstream, and the relay of its answer,
+# which returns how the exchange ended, or None when the answer (a 200 that is not what the
+# caller asked for) should not reach the caller and the next upstream should be tried.
+CallFor = Callable[[Upstream], Call]
+Relay = Callable[[Upstream, UpstreamResponse, float], Awaitable[Outcome | None]]
+
+
 @runtime_checkable
 class Hop(Protocol):
     """The innermost room: forwards one exchange and relays the reply to `send`."""
@@ -150,55 +166,68 @@ class UpstreamProxy:
         return ready + [u for u in route.upstreams if u not in ready]
 
     async def _exchange(self, scope: Scope, state: RequestState, send: Send, exchange: Exchange) -> Outcome:
-        """Try the route's upstreams in order until one answers usably; nothing reaches the
-        caller before then, so a failed attempt is never seen by it."""
-        route = exchange.route
-        log = state.log
+        """The OpenAI-compatible hop: the same body to each upstream, relayed as it comes."""
         ua = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
                 ua = value
         path = scope["path"].removeprefix("/v1")
+
+        def call_for(upstream: Upstream) -> Call:
+            return Call(upstream.base_url + path, exchange.body, upstream_headers(upstream, ua))
+
+        async def relay(upstream: Upstream, response: UpstreamResponse, started: float) -> Outcome | None:
+            if exchange.stream and response.status_code == 200:
+                return await self._relay_stream(state, send, response, started)
+            return await self._relay_whole(state, send, response, started, exchange.stream)
+
+        return await self.attempt(state, exchange.route, call_for, relay, send)
+
+    async def attempt(self, state: RequestState, route: Route, call_for: CallFor, relay: Relay, send: Send) -> Outcome:
+        """Try the route's upstreams in order until one answers usably; nothing reaches the
+        caller before then, so a failed attempt is never seen by it.
+
+        An attempt falls through to the next upstream on a connect or read error before the
+        first byte, on a 5xx or 429 (unless it is the last), and when `relay` returns None
+        (a 200 that is not what the caller asked for). Each failure is logged and cools the
+        upstream down. When every attempt failed, the last failure is the caller's answer.
+        """
         candidates = self._candidates(route)
-        failure: QuotaError | None = None
+        failure: QuotaError = UpstreamError("The route has no upstream.")
         outcome = Outcome.UPSTREAM_ERROR
         for attempt, upstream in enumerate(candidates, start=1):
             last = attempt == len(candidates)
-            log["upstream"] = upstream.name
+            call = call_for(upstream)
+            state.log["upstream"] = upstream.name
             started = time.perf_counter()
             try:
                 response = await self.client.send(
-                    upstream.base_url + path,
-                    exchange.body,
-                    upstream_headers(upstream, ua),
+                    call.url,
+                    call.body,
+                    call.headers,
                     timeout=upstream.timeout_s,
                     connect_timeout=upstream.connect_timeout_s,
                 )
             except UpstreamHTTPError as exc:
-                failure = translate_exception(exc)
+                failure, outcome = translate_exception(exc), Outcome.UPSTREAM_ERROR
                 self._failed(state, route, upstream, type(exc).__name__, started, attempt, last)
                 continue
             try:
                 if (response.status_code >= 500 or response.status_code == 429) and not last:
                     self._failed(state, route, upstream, f"status_{response.status_code}", started, attempt, last)
                     continue
-                if exchange.stream and response.status_code == 200:
-                    relayed = await self._relay_stream(state, send, response, started)
-                else:
-                    relayed = await self._relay_whole(scope, state, send, response, started, exchange.stream)
+                relayed = await relay(upstream, response, started)
             except UpstreamHTTPError as exc:
                 # Failed before anything reached the caller: the next upstream may answer.
-                failure = translate_exception(exc)
+                failure, outcome = translate_exception(exc), Outcome.UPSTREAM_ERROR
                 self._failed(state, route, upstream, type(exc).__name__, started, attempt, last)
                 continue
             finally:
                 await response.aclose()
             if relayed is not None:
                 return relayed
-            failure = UpstreamError(MALFORMED)
-            outcome = Outcome.UPSTREAM_MALFORMED
+            failure, outcome = UpstreamError(MALFORMED), Outcome.UPSTREAM_MALFORMED
             self._failed(state, route, upstream, "malformed_reply", started, attempt, last)
-        assert failure is not None
         await send_error(send, failure)
         return outcome
 
@@ -224,7 +253,6 @@ class UpstreamProxy:
 
     async def _relay_whole(
         self,
-        scope: Scope,
         state: RequestState,
         send: Send,
         response: UpstreamResponse,

@@ -24,10 +24,11 @@ from quota_proxy.errors import (
     RateLimited,
 )
 from quota_proxy.holds import HoldKeeper
-from quota_proxy.http_client import UpstreamClient, UpstreamHTTPError
+from quota_proxy.http_client import UpstreamHTTPError
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, RequestState, caller_key, request_state
 from quota_proxy.store import InsufficientFunds, KeyRecord, SqliteStore, TooManyInFlight
+from quota_proxy.upstream import UpstreamProxy
 from quota_proxy.usage import affordable_output, worst_case_hold
 
 HOLD_ATTEMPTS = 3
@@ -39,13 +40,14 @@ class AgentApi:
 
     def __init__(
         self,
-        client: UpstreamClient,
+        proxy: UpstreamProxy,
         store: SqliteStore,
         live: LiveSettings,
         routes: RouteTable,
         keeper: HoldKeeper,
     ) -> None:
-        self.client = client
+        self.proxy = proxy  # shared with the chat path, so are its upstreams' cooldowns
+        self.client = proxy.client
         self.store = store
         self.live = live  # read once per request: a reload never mixes two files in one
         self.routes = routes
@@ -129,7 +131,7 @@ class AgentApi:
         )
         await self._check_rate(key, limits)
         hold_id = await self._hold(state, request, billing, key, limits)
-        exchange = Exchange(self.client, self.store, state, request, billing, key.id, hold_id)
+        exchange = Exchange(self.proxy, self.store, state, request, billing, key.id, hold_id)
         try:
             await exchange.run(receive, send)
         finally:

@@ -10,16 +10,18 @@ from typing import Any
 import orjson
 
 from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
-from quota_proxy.agents.request import AgentRequest, Mode, Protocol
-from quota_proxy.asgi import Receive, Send, send_bytes, send_error, until_disconnect
-from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
-from quota_proxy.http_client import ReadTimedOut, UpstreamClient, UpstreamHTTPError, UpstreamResponse
+from quota_proxy.agents.request import AgentRequest, Mode, Protocol, mode_for
+from quota_proxy.asgi import Message, Receive, Send, send_bytes, send_error, until_disconnect
+from quota_proxy.config import Upstream
+from quota_proxy.errors import UpstreamTimeout
+from quota_proxy.http_client import ReadTimedOut, UpstreamHTTPError, UpstreamResponse
 from quota_proxy.state import Billing, RequestState
 from quota_proxy.store import Settlement, SqliteStore
 from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
 from quota_proxy.upstream import (
-    MALFORMED,
+    Call,
+    UpstreamProxy,
     first_bytes,
     looks_like_event_stream,
     record_upstream_time,
@@ -47,7 +49,7 @@ class Exchange:
 
     def __init__(
         self,
-        client: UpstreamClient,
+        proxy: UpstreamProxy,
         store: SqliteStore,
         state: RequestState,
         request: AgentRequest,
@@ -55,7 +57,7 @@ class Exchange:
         key_id: int,
         hold_id: int,
     ) -> None:
-        self.client = client
+        self.proxy = proxy  # the chat path's: one attempt loop, one view of cooling upstreams
         self.store = store
         self.state = state
         self.request = request
@@ -96,94 +98,58 @@ class Exchange:
     # ---- the exchange --------------------------------------------------------------------
 
     async def run(self, receive: Receive, send: Send) -> None:
-        """Forward and relay; a caller who leaves cancels the upstream request at once."""
-        finished = await until_disconnect(receive, send, self._forward)
-        if finished is None:
-            self.outcome = Outcome.CLIENT_DISCONNECTED
+        """Forward and relay through the chat path's attempt loop (fallback, cooldown, the
+        logged failures); a caller who leaves cancels the upstream request at once."""
 
-    async def _forward(self, send: Send) -> bool:
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            await send(message)
+
+        outcome = await until_disconnect(receive, watched, self._forward)
+        self.outcome = outcome or Outcome.CLIENT_DISCONNECTED
+
+    async def _forward(self, send: Send) -> Outcome:
         request = self.request
-        log = self.state.log
-        failure: QuotaError = UpstreamError("The route has no upstream.")
-        failed = Outcome.UPSTREAM_ERROR
-        candidates = request.route.upstreams
-        for attempt, upstream in enumerate(candidates, start=1):
-            last = attempt == len(candidates)
-            mode, url, body, headers = request.upstream_call(upstream)
-            log["upstream"] = upstream.name
-            started = time.perf_counter()
-            try:
-                response = await self.client.send(
-                    url, body, headers, timeout=upstream.timeout_s, connect_timeout=upstream.connect_timeout_s
-                )
-            except UpstreamHTTPError as exc:
-                failure = translate_exception(exc)
-                log.setdefault("upstream_errors", []).append((upstream.name, type(exc).__name__))
-                continue
-            if (response.status_code >= 500 or response.status_code == 429) and not last:
-                await response.aclose()
-                log.setdefault("upstream_errors", []).append(
-                    (upstream.name, f"status_{response.status_code}")
-                )
-                continue
-            try:
-                if request.stream and response.status_code == 200:
-                    try:
-                        relayed = await self._relay_stream(send, response, mode, started)
-                    except UpstreamHTTPError as exc:  # it broke before its first bytes
-                        failure, failed, relayed = translate_exception(exc), Outcome.UPSTREAM_ERROR, False
-                    else:
-                        failure, failed = UpstreamError(MALFORMED), Outcome.UPSTREAM_MALFORMED
-                    if not relayed:
-                        # Nothing was sent yet: the next upstream may still answer.
-                        log.setdefault("upstream_errors", []).append((upstream.name, "not_an_event_stream"))
-                        continue
-                else:
-                    await self._relay_whole(send, response, mode, started)
-            finally:
-                await response.aclose()
-            return True
-        self.outcome = failed
-        await self._send_error(send, failure)
-        return True
 
-    async def _send_error(self, send: Send, error: QuotaError) -> None:
-        self.status = error.status
-        await send_error(send, error)
+        def call_for(upstream: Upstream) -> Call:
+            _mode, url, body, headers = request.upstream_call(upstream)
+            return Call(url, body, headers)
 
-    async def _relay_whole(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> None:
-        try:
-            raw = await response.aread()
-        except UpstreamHTTPError as exc:
-            self.outcome = Outcome.UPSTREAM_ERROR
-            await self._send_error(send, translate_exception(exc))
-            return
+        async def relay(upstream: Upstream, response: UpstreamResponse, started: float) -> Outcome | None:
+            mode = mode_for(upstream, request.protocol)
+            if request.stream and response.status_code == 200:
+                return await self._relay_stream(send, response, mode, started)
+            return await self._relay_whole(send, response, mode, started)
+
+        return await self.proxy.attempt(self.state, request.route, call_for, relay, send)
+
+    async def _relay_whole(
+        self, send: Send, response: UpstreamResponse, mode: Mode, started: float
+    ) -> Outcome | None:
+        """Relay a whole reply in the caller's dialect; None when a 200 is not a JSON object."""
+        raw = await response.aread()
         record_upstream_time(self.state, started)
         error = translate_status(response)
         if error is not None:
-            self.outcome = Outcome.UPSTREAM_ERROR
-            await self._send_error(send, error)
-            return
+            await send_error(send, error)
+            return Outcome.UPSTREAM_ERROR
         status = response.status_code
-        self.status = status
         if status >= 400:
             # The caller's request was at fault: its body as the upstream sent it, in the
             # caller's dialect when the upstream spoke another one.
-            self.outcome = Outcome.UPSTREAM_REJECTED
             if mode is Mode.TRANSLATED and self.request.protocol is Protocol.MESSAGES:
                 raw = _anthropic_error_from_openai(raw, status)
             await send_bytes(
                 send, status, raw, [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
             )
-            return
+            return Outcome.UPSTREAM_REJECTED
         try:
             obj = orjson.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError
-        except ValueError:
-            self.outcome = Outcome.UPSTREAM_MALFORMED
-            await self._send_error(send, UpstreamError("The upstream model server sent a malformed reply."))
-            return
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            return None
         reported, text = whole_usage(self.request.protocol, mode, obj)
         usage = _Usage(reported, False) if reported is not None else _Usage(self.estimate(text), True)
         self.usage = usage
@@ -191,20 +157,24 @@ class Exchange:
             self.request.protocol, mode, obj, self.request.body, usage.buckets,
             self.extension(usage.buckets, usage.estimated),
         )  # fmt: skip
-        self.outcome = Outcome.OK
+        # Settled before the caller has the reply: what it was told it cost is on the books.
+        self.outcome, self.status = Outcome.OK, status
         await self.settle_once()
         headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, 200, orjson.dumps(reply), headers)
+        return Outcome.OK
 
-    async def _relay_stream(self, send: Send, response: UpstreamResponse, mode: Mode, started: float) -> bool:
-        """Relay the event stream as it arrives; False (nothing sent) if its first bytes show
+    async def _relay_stream(
+        self, send: Send, response: UpstreamResponse, mode: Mode, started: float
+    ) -> Outcome | None:
+        """Relay the event stream as it arrives; None (nothing sent) if its first bytes show
         it is not one (an HTML error page from a proxy in between, a JSON body)."""
         request = self.request
         chunks = response.aiter_raw()
         first = await first_bytes(chunks)
         record_upstream_time(self.state, started)
         if not looks_like_event_stream(response.header(b"content-type"), first):
-            return False
+            return None
         meter = stream_meter(request.protocol, mode, self.extension, request.body, request.route.model)
         self.meter = meter
         self.status = 200
@@ -234,7 +204,7 @@ class Exchange:
                 tail += meter.translator.finish(estimated, self.extension(estimated, True))
         await self.settle_once()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-        return True
+        return self.outcome
 
     # ---- settlement ----------------------------------------------------------------------
 
