@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from quota_proxy.config import Limits, Route
+from quota_proxy.config import BillingSettings, Limits, Route
 from quota_proxy.errors import InsufficientBalance, RateLimited
 from quota_proxy.inference_request import InferenceRequest, Kind
 from quota_proxy.state import Billing
-from quota_proxy.store import InsufficientFunds, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
 from quota_proxy.store.models import Outcome
 from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
@@ -64,16 +64,53 @@ class HoldPolicy:
     hold_ttl_ms: int
     owner: str  # whose holds these are: the HoldKeeper refreshes its owner's
 
+    @classmethod
+    def of(cls, billing: BillingSettings, owner: str) -> HoldPolicy:
+        return cls(billing.overdraft == "cap", billing.hold_ttl_s * 1000, owner)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """What a hold needs to know of a request, whatever API it came in on: the worst case
+    is the prompt estimate plus `choices` completions of up to `output_cap` tokens each."""
+
+    prompt_estimate: int
+    output_cap: int  # the cap sent upstream before the balance is asked (the route's at most)
+    choices: int = 1
+    embeddings: bool = False  # no output side: nothing to lower in cap mode
+
+
+def limits_for(key: KeyRecord, route: Route) -> Limits:
+    """The key's own limits where it has them, else the route's."""
+    return Limits(
+        rpm=key.rpm or route.limits.rpm,
+        tpm=key.tpm or route.limits.tpm,
+        max_concurrent=key.max_concurrent or route.limits.max_concurrent,
+    )
+
+
+async def check_rate(store: SqliteStore, key_id: int, limits: Limits) -> None:
+    """Count this request against the key's per-minute limits; 429 when one is reached."""
+    if not (limits.rpm or limits.tpm):
+        return
+    if not await store.count_request(key_id, limits.rpm, limits.tpm):
+        error = RateLimited(
+            f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} "
+            "tokens per minute is reached."
+        )
+        error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
+        raise error
+
 
 class Meter:
     """The money of one request: what was held, and the one settlement."""
 
-    __slots__ = ("store", "request", "route", "billing", "key_id", "request_id", "hold_id", "output_cap", "state", "log")
+    __slots__ = ("store", "hold", "route", "billing", "key_id", "request_id", "hold_id", "output_cap", "state", "log")
 
     def __init__(
         self,
         store: SqliteStore,
-        request: InferenceRequest,
+        hold: HoldRequest,
         route: Route,
         billing: Billing,
         key_id: int | None,
@@ -83,13 +120,13 @@ class Meter:
         log: dict[str, Any],
     ) -> None:
         self.store = store
-        self.request = request
+        self.hold = hold
         self.route = route
         self.billing = billing
         self.key_id = key_id
         self.request_id = request_id
         self.hold_id = hold_id
-        self.output_cap = output_cap
+        self.output_cap = output_cap  # per completion, as lowered to fit the balance
         self.state = MeterState.HELD
         self.log = log
 
@@ -98,7 +135,7 @@ class Meter:
         cls,
         store: SqliteStore,
         policy: HoldPolicy,
-        request: InferenceRequest,
+        hold: HoldRequest,
         route: Route,
         billing: Billing,
         key_id: int | None,
@@ -108,11 +145,11 @@ class Meter:
     ) -> Meter:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
         mult, weights = route.multiplier.value, route.weights
-        cap = full_cap = output_cap(request, route)
+        cap = full_cap = hold.output_cap
         account = billing.charged_account_id
         available = 0
         for _ in range(HOLD_ATTEMPTS):
-            amount = worst_case_hold(request.prompt_estimate, cap * request.choices, mult, weights)
+            amount = worst_case_hold(hold.prompt_estimate, cap * hold.choices, mult, weights)
             started = time.perf_counter()
             try:
                 hold_id = await store.take_hold(
@@ -132,30 +169,32 @@ class Meter:
                 raise error from None
             else:
                 log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
-                return cls(store, request, route, billing, key_id, request_id, hold_id, cap, log)
-            if not policy.overdraft_cap or request.kind is Kind.EMBEDDINGS:
+                return cls(store, hold, route, billing, key_id, request_id, hold_id, cap, log)
+            if not policy.overdraft_cap or hold.embeddings:
                 break
-            affordable = affordable_output(available, request.prompt_estimate, mult, weights)
-            cap = min(cap, affordable // request.choices)
+            affordable = affordable_output(available, hold.prompt_estimate, mult, weights)
+            cap = min(cap, affordable // hold.choices)
             if cap < 1:
                 break
-        if policy.overdraft_cap:
-            least = 0 if request.kind is Kind.EMBEDDINGS else request.choices
+        if not policy.overdraft_cap:
+            least = full_cap * hold.choices
+        elif hold.embeddings:
+            least = 0
         else:
-            least = full_cap * request.choices
-        required = worst_case_hold(request.prompt_estimate, least, mult, weights)
+            least = hold.choices
+        required = worst_case_hold(hold.prompt_estimate, least, mult, weights)
         raise InsufficientBalance(required=max(required, 1), available=available)
 
     def charge(self, usage: Usage) -> int:
         """The charge for this usage. Output past the cap the gateway sent is not billed:
         the hold covered the cap, so an upstream that ignores max_tokens cannot overdraw."""
         billed = usage.buckets
-        if self.request.kind is not Kind.EMBEDDINGS:
-            billed = billed.with_output(min(billed.output, self.output_cap * self.request.choices))
+        if not self.hold.embeddings:
+            billed = billed.with_output(min(billed.output, self.output_cap * self.hold.choices))
         return charge(billed, self.route.multiplier.value, self.route.weights)
 
-    async def settle(self, outcome: Outcome, usage: Usage, status: int) -> None:
-        """Charge for `usage` and release the hold, once."""
+    async def settle(self, outcome: Outcome, usage: Usage, status: int, session_id: str | None = None) -> None:
+        """Charge for `usage` and release the hold, once. Every API's settlement is written here."""
         if self.state is MeterState.SETTLED:
             return
         self.state = MeterState.SETTLED
@@ -181,10 +220,13 @@ class Meter:
             cache_write_tokens=usage.cache_write_5m,
             cache_write_1h_tokens=usage.cache_write_1h,
             reasoning_tokens=usage.reasoning,
+            session_id=session_id,
         )
         self.log.update(
-            input_tokens=usage.input_tokens,
+            input_tokens=usage.input_tokens + usage.cache_read + usage.cache_write_5m + usage.cache_write_1h,
             output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read,
+            cache_write_tokens=usage.cache_write_5m + usage.cache_write_1h,
             charged=charged,
             estimated=usage.estimated,
             outcome=str(outcome),
@@ -192,6 +234,13 @@ class Meter:
         started = time.perf_counter()
         await self.store.settle(settlement)
         self.log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+
+def hold_request(request: InferenceRequest, route: Route) -> HoldRequest:
+    """An OpenAI inference request's worst case on this route."""
+    return HoldRequest(
+        request.prompt_estimate, output_cap(request, route), request.choices, request.kind is Kind.EMBEDDINGS
+    )
 
 
 def output_cap(request: InferenceRequest, route: Route) -> int:

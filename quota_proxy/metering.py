@@ -10,16 +10,15 @@ user-billed endpoint sets it). Whoever mounts it owns the HoldKeeper it is given
 from __future__ import annotations
 
 import asyncio
-import time
 
 import anyio
 
 from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_error
-from quota_proxy.config import Limits, LiveSettings, Settings
-from quota_proxy.errors import QuotaError, RateLimited, StreamNotSupported
+from quota_proxy.config import LiveSettings, Settings
+from quota_proxy.errors import QuotaError, StreamNotSupported
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.inference_request import InferenceRequest, parse_inference_request
-from quota_proxy.meter import NO_USAGE, HoldPolicy, Meter
+from quota_proxy.meter import NO_USAGE, HoldPolicy, Meter, check_rate, hold_request, limits_for
 from quota_proxy.reply import MeteredReply
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, RequestState, request_state
@@ -49,12 +48,7 @@ class MeteringMiddleware:
     def _hold_policy(self, settings: Settings) -> HoldPolicy:
         """The hold policy of these settings (rebuilt only when a reload swapped them)."""
         if self._policy is None or self._policy[0] is not settings:
-            policy = HoldPolicy(
-                overdraft_cap=settings.billing.overdraft == "cap",
-                hold_ttl_ms=settings.billing.hold_ttl_s * 1000,
-                owner=self.keeper.owner,
-            )
-            self._policy = (settings, policy)
+            self._policy = (settings, HoldPolicy.of(settings.billing, self.keeper.owner))
         return self._policy[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,7 +65,7 @@ class MeteringMiddleware:
         except QuotaError as error:
             await send_error(send, error)
             return
-        reply = MeteredReply(scope, meter, send)
+        reply = MeteredReply(scope, meter, request, send)
         outcome = Outcome.FAILED
         exchange = Exchange(meter.route, request.rewrite(meter.route.model, meter.output_cap), request.stream)
         try:
@@ -96,27 +90,13 @@ class MeteringMiddleware:
         state.log["route"] = route.alias
         if request.stream and not route.stream:
             raise StreamNotSupported(f"The route {route.alias!r} does not support streaming.")
-        limits = Limits(
-            rpm=key.rpm or route.limits.rpm,
-            tpm=key.tpm or route.limits.tpm,
-            max_concurrent=key.max_concurrent or route.limits.max_concurrent,
-        )
-        await self._check_rate(key.id, limits)
+        limits = limits_for(key, route)
+        await check_rate(self.store, key.id, limits)
         billing = state.billing or Billing(key.account_id, key.account_id)
         return await Meter.take(
-            self.store, policy, request, route, billing, key.id, state.request_id, limits, state.log
-        )
-
-    async def _check_rate(self, key_id: int, limits: Limits) -> None:
-        if not (limits.rpm or limits.tpm):
-            return
-        if not await self.store.count_request(key_id, limits.rpm, limits.tpm):
-            error = RateLimited(
-                f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} "
-                "tokens per minute is reached."
-            )
-            error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
-            raise error
+            self.store, policy, hold_request(request, route), route, billing, key.id, state.request_id, limits,
+            state.log,
+        )  # fmt: skip
 
 
 class AsgiHop:

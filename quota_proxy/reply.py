@@ -14,7 +14,7 @@ import orjson
 
 from quota_proxy.asgi import Message, Scope, Send, send_bytes, send_error
 from quota_proxy.errors import UpstreamError
-from quota_proxy.inference_request import Kind
+from quota_proxy.inference_request import InferenceRequest, Kind
 from quota_proxy.meter import Meter, Usage
 from quota_proxy.sse import SSEMeter, completion_texts
 from quota_proxy.tokens import estimate_output_tokens
@@ -25,9 +25,10 @@ from quota_proxy.usage import from_chat
 class MeteredReply:
     """Watches the inner app's reply: extends usage, strips the hidden usage event."""
 
-    def __init__(self, scope: Scope, meter: Meter, send: Send) -> None:
+    def __init__(self, scope: Scope, meter: Meter, request: InferenceRequest, send: Send) -> None:
         self.scope = scope
         self.meter = meter
+        self.request = request
         self._send = send
         self.status = 0
         self.start: Message | None = None
@@ -39,7 +40,7 @@ class MeteredReply:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            if self.status == 200 and self.meter.request.stream and _is_event_stream(message):
+            if self.status == 200 and self.request.stream and _is_event_stream(message):
                 self.sse = SSEMeter(self._on_usage_event)
                 await self._send(message)
             else:
@@ -67,7 +68,7 @@ class MeteredReply:
         if self.usage is not None or self.sse is None:
             return self.usage
         output = estimate_output_tokens(self.sse.delivered_text())
-        return Usage(self.meter.request.prompt_estimate, output, True) if output > 0 else None
+        return Usage(self.request.prompt_estimate, output, True) if output > 0 else None
 
     async def _finish_whole(self) -> None:
         assert self.start is not None
@@ -87,7 +88,7 @@ class MeteredReply:
             return
         usage = read_usage(obj.get("usage"))
         if usage is None:
-            usage = Usage(self.meter.request.prompt_estimate, estimate_output_tokens(completion_texts(obj)), True)
+            usage = Usage(self.request.prompt_estimate, estimate_output_tokens(completion_texts(obj)), True)
         self.usage = usage
         obj["usage"] = self._extended_usage(obj.get("usage"), usage)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
@@ -98,7 +99,7 @@ class MeteredReply:
         if usage is None:
             return None  # a usage object without counts: not ours to meter or to drop
         self.usage = usage
-        if self.meter.request.wants_usage:
+        if self.request.wants_usage:
             event["usage"] = self._extended_usage(event["usage"], usage)
         elif event.get("choices"):
             # Usage riding on a content chunk: the caller keeps the chunk, not the usage.
@@ -111,7 +112,7 @@ class MeteredReply:
         extended = dict(original) if isinstance(original, dict) else {}
         if not isinstance(original, dict):
             extended["prompt_tokens"] = usage.input_tokens
-            if self.meter.request.kind is not Kind.EMBEDDINGS:
+            if self.request.kind is not Kind.EMBEDDINGS:
                 extended["completion_tokens"] = usage.output_tokens
             extended["total_tokens"] = usage.input_tokens + usage.output_tokens
         extended["input_tokens"] = usage.input_tokens

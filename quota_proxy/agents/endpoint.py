@@ -9,7 +9,6 @@ reading the usage in the upstream's own dialect -> settle exactly once.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import anyio
 import orjson
@@ -17,21 +16,15 @@ import orjson
 from quota_proxy.agents.exchange import Exchange
 from quota_proxy.agents.request import AgentRequest, Mode, Protocol, parse, speaks
 from quota_proxy.asgi import Receive, Scope, Send, read_body, send_bytes
-from quota_proxy.config import Limits, LiveSettings
-from quota_proxy.errors import (
-    BadRequest,
-    InsufficientBalance,
-    RateLimited,
-)
+from quota_proxy.config import LiveSettings
+from quota_proxy.errors import BadRequest
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamHTTPError
+from quota_proxy.meter import HoldPolicy, HoldRequest, Meter, check_rate, limits_for
 from quota_proxy.routing import RouteTable
-from quota_proxy.state import Billing, RequestState, caller_key, request_state
-from quota_proxy.store import InsufficientFunds, KeyRecord, SqliteStore, TooManyInFlight
+from quota_proxy.state import Billing, caller_key, request_state
+from quota_proxy.store import SqliteStore
 from quota_proxy.upstream import UpstreamProxy
-from quota_proxy.usage import affordable_output, worst_case_hold
-
-HOLD_ATTEMPTS = 3
 
 
 class AgentApi:
@@ -124,14 +117,15 @@ class AgentApi:
         if request.session_id:
             state.log["session_id"] = request.session_id
         billing = state.billing or Billing(key.account_id, key.account_id)
-        limits = Limits(
-            rpm=key.rpm or route.limits.rpm,
-            tpm=key.tpm or route.limits.tpm,
-            max_concurrent=key.max_concurrent or route.limits.max_concurrent,
-        )
-        await self._check_rate(key, limits)
-        hold_id = await self._hold(state, request, billing, key, limits)
-        exchange = Exchange(self.proxy, self.store, state, request, billing, key.id, hold_id)
+        limits = limits_for(key, route)
+        await check_rate(self.store, key.id, limits)
+        meter = await Meter.take(
+            self.store, HoldPolicy.of(self.live.current.billing, self.keeper.owner),
+            HoldRequest(request.prompt_estimate, request.output_cap), route, billing, key.id, state.request_id,
+            limits, state.log,
+        )  # fmt: skip
+        request.output_cap = meter.output_cap  # in cap mode, lowered to what the balance affords
+        exchange = Exchange(self.proxy, state, request, meter)
         try:
             await exchange.run(receive, send)
         finally:
@@ -141,52 +135,3 @@ class AgentApi:
                     await exchange.settle_once()
             else:
                 await exchange.settle_once()
-
-    async def _check_rate(self, key: KeyRecord, limits: Limits) -> None:
-        if not (limits.rpm or limits.tpm):
-            return
-        if not await self.store.count_request(key.id, limits.rpm, limits.tpm):
-            error = RateLimited(
-                f"This key's limit of {limits.rpm or '-'} requests / {limits.tpm or '-'} tokens per minute is reached."
-            )
-            error.headers.append((b"retry-after", str(60 - int(time.time()) % 60).encode()))
-            raise error
-
-    async def _hold(
-        self, state: RequestState, request: AgentRequest, billing: Billing, key: KeyRecord, limits: Limits
-    ) -> int:
-        """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
-        route = request.route
-        billing_settings = self.live.current.billing
-        overdraft_cap = billing_settings.overdraft == "cap"
-        mult, weights = route.multiplier.value, route.weights
-        estimate = request.prompt_estimate
-        cap = request.output_cap
-        available = 0
-        for _ in range(HOLD_ATTEMPTS):
-            amount = worst_case_hold(estimate, cap, mult, weights)
-            started = time.perf_counter()
-            try:
-                hold_id = await self.store.take_hold(
-                    billing.charged_account_id, max(amount, 1), state.request_id, self.keeper.owner,
-                    billing_settings.hold_ttl_s * 1000, key.id, limits.max_concurrent,
-                )  # fmt: skip
-            except InsufficientFunds as short:
-                available = short.available
-            except TooManyInFlight:
-                error = RateLimited(f"This key may have {limits.max_concurrent} requests in flight at once.")
-                error.headers.append((b"retry-after", b"1"))
-                raise error from None
-            else:
-                state.log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
-                request.output_cap = cap
-                return hold_id
-            if not overdraft_cap:
-                break
-            cap = min(cap, affordable_output(available, estimate, mult, weights))
-            if cap < 1:
-                break
-        least = 1 if overdraft_cap else request.output_cap
-        raise InsufficientBalance(
-            required=max(worst_case_hold(estimate, least, mult, weights), 1), available=available
-        )

@@ -3,7 +3,6 @@ its usage in the upstream's own dialect, and the one settlement."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +14,8 @@ from quota_proxy.asgi import Message, Receive, Send, send_bytes, send_error, unt
 from quota_proxy.config import Upstream
 from quota_proxy.errors import UpstreamTimeout
 from quota_proxy.http_client import ReadTimedOut, UpstreamHTTPError, UpstreamResponse
-from quota_proxy.state import Billing, RequestState
-from quota_proxy.store import Settlement, SqliteStore
+from quota_proxy.meter import Meter, Usage
+from quota_proxy.state import RequestState
 from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
 from quota_proxy.upstream import (
@@ -29,7 +28,7 @@ from quota_proxy.upstream import (
     translate_exception,
     translate_status,
 )
-from quota_proxy.usage import Buckets, charge
+from quota_proxy.usage import Buckets
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -47,41 +46,21 @@ class _Usage:
 class Exchange:
     """One forwarded request: the upstream call, the relay, and the settlement."""
 
-    def __init__(
-        self,
-        proxy: UpstreamProxy,
-        store: SqliteStore,
-        state: RequestState,
-        request: AgentRequest,
-        billing: Billing,
-        key_id: int,
-        hold_id: int,
-    ) -> None:
+    def __init__(self, proxy: UpstreamProxy, state: RequestState, request: AgentRequest, meter: Meter) -> None:
         self.proxy = proxy  # the chat path's: one attempt loop, one view of cooling upstreams
-        self.store = store
         self.state = state
         self.request = request
-        self.billing = billing
-        self.key_id = key_id
-        self.hold_id = hold_id
+        self.money = meter  # the hold taken, and the one settlement (the chat path's Meter)
         self.status = 0
         self.outcome = Outcome.FAILED
         self.usage: _Usage | None = None
         self.meter: StreamMeter | None = None
-        self.upstream_model = request.route.model
-        self.settled = False
 
     # ---- pricing -------------------------------------------------------------------------
 
-    def billable(self, b: Buckets) -> Buckets:
-        """Output past the cap the gateway sent is not billed: the hold covered the cap."""
-        return (
-            b.with_output(min(b.output, self.request.output_cap)) if b.output > self.request.output_cap else b
-        )
-
     def price(self, b: Buckets) -> int:
-        route = self.request.route
-        return charge(self.billable(b), route.multiplier.value, route.weights)
+        """What the caller is told it cost: the Meter's charge (output past the cap not billed)."""
+        return self.money.charge(Usage.of(b))
 
     def extension(self, b: Buckets, estimated: bool = False) -> dict[str, Any]:
         extra: dict[str, Any] = {
@@ -226,48 +205,11 @@ class Exchange:
         return _Usage(Buckets(input=self.request.prompt_estimate, output=output), True)
 
     async def settle_once(self) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        request = self.request
+        """Settle through the Meter (a no-op the second time), with the agent's session."""
         usage = self._final_usage() or _Usage(Buckets(), False)
-        billed = self.billable(usage.buckets)
-        charged = self.price(usage.buckets)
-        settlement = Settlement(
-            request_id=self.state.request_id,
-            account_id=self.billing.account_id,
-            charged_account_id=self.billing.charged_account_id,
-            user_id=self.billing.user_id,
-            key_id=self.key_id,
-            hold_id=self.hold_id,
-            route=request.route.alias,
-            upstream_model=self.upstream_model,
-            multiplier=str(request.route.multiplier),
-            charged=charged,
-            estimated=usage.estimated,
-            outcome=self.outcome,
-            status=self.status,
-            input_tokens=billed.input,  # uncached input only: the other buckets are apart
-            output_tokens=billed.output,
-            cache_read_tokens=billed.cache_read,
-            cache_write_tokens=billed.cache_write_5m,
-            cache_write_1h_tokens=billed.cache_write_1h,
-            reasoning_tokens=billed.reasoning,
-            session_id=request.session_id,
+        await self.money.settle(
+            self.outcome, Usage.of(usage.buckets, usage.estimated), self.status, session_id=self.request.session_id
         )
-        log = self.state.log
-        log.update(
-            input_tokens=billed.input_total,
-            output_tokens=billed.output,
-            cache_read_tokens=billed.cache_read,
-            cache_write_tokens=billed.cache_write_5m + billed.cache_write_1h,
-            charged=charged,
-            estimated=usage.estimated,
-            outcome=str(self.outcome),
-        )
-        started = time.perf_counter()
-        await self.store.settle(settlement)
-        log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
 
 
 def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:
