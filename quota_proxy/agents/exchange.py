@@ -3,7 +3,6 @@ its usage in the upstream's own dialect, and the one settlement."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +13,7 @@ from quota_proxy.asgi import Message, Receive, Send, send_bytes, send_error, unt
 from quota_proxy.config import Upstream
 from quota_proxy.errors import UpstreamTimeout
 from quota_proxy.http_client import ReadTimedOut, UpstreamHTTPError, UpstreamResponse
-from quota_proxy.meter import Meter, Usage
+from quota_proxy.meter import NO_USAGE, Meter, Usage
 from quota_proxy.state import RequestState
 from quota_proxy.store.models import Outcome
 from quota_proxy.tokens import estimate_output_tokens
@@ -37,12 +36,6 @@ _SSE_HEADERS = [
 ]
 
 
-@dataclass(slots=True)
-class _Usage:
-    buckets: Buckets
-    estimated: bool
-
-
 class Exchange:
     """One forwarded request: the upstream call, the relay, and the settlement."""
 
@@ -53,7 +46,7 @@ class Exchange:
         self.money = meter  # the hold taken, and the one settlement (the chat path's Meter)
         self.status = 0
         self.outcome = Outcome.FAILED
-        self.usage: _Usage | None = None
+        self.usage: Usage | None = None
         self.meter: StreamMeter | None = None
 
     # ---- pricing -------------------------------------------------------------------------
@@ -130,7 +123,7 @@ class Exchange:
         if not isinstance(obj, dict):
             return None
         reported, text = whole_usage(self.request.protocol, mode, obj)
-        usage = _Usage(reported, False) if reported is not None else _Usage(self.estimate(text), True)
+        usage = Usage.of(reported) if reported is not None else Usage.of(self.estimate(text), True)
         self.usage = usage
         reply = whole_reply(
             self.request.protocol, mode, obj, self.request.body, usage.buckets,
@@ -179,7 +172,7 @@ class Exchange:
             if not meter.final and isinstance(meter, TranslatedMeter):
                 # A translated stream that ended without usage: estimate and close it properly.
                 estimated = self.estimate(meter.delivered_text())
-                self.usage = _Usage(estimated, True)
+                self.usage = Usage.of(estimated, True)
                 tail += meter.translator.finish(estimated, self.extension(estimated, True))
         await self.settle_once()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -187,29 +180,27 @@ class Exchange:
 
     # ---- settlement ----------------------------------------------------------------------
 
-    def _final_usage(self) -> _Usage | None:
+    def _final_usage(self) -> Usage | None:
         if self.usage is not None:
             return self.usage
         meter = self.meter
         if meter is None:
             return None
         if meter.final and meter.usage is not None:
-            return _Usage(meter.usage, False)
+            return Usage.of(meter.usage)
         # Cut short (the caller left, the upstream broke): what was delivered, estimated.
         # Nothing delivered means nothing produced, and that is not charged.
         output = estimate_output_tokens(meter.delivered_text())
         if output == 0:
             return None
         if meter.usage is not None:  # the input side was reported (Anthropic's message_start)
-            return _Usage(meter.usage.with_output(max(meter.usage.output, output)), True)
-        return _Usage(Buckets(input=self.request.prompt_estimate, output=output), True)
+            return Usage.of(meter.usage.with_output(max(meter.usage.output, output)), True)
+        return Usage.of(Buckets(input=self.request.prompt_estimate, output=output), True)
 
     async def settle_once(self) -> None:
         """Settle through the Meter (a no-op the second time), with the agent's session."""
-        usage = self._final_usage() or _Usage(Buckets(), False)
-        await self.money.settle(
-            self.outcome, Usage.of(usage.buckets, usage.estimated), self.status, session_id=self.request.session_id
-        )
+        usage = self._final_usage() or NO_USAGE
+        await self.money.settle(self.outcome, usage, self.status, session_id=self.request.session_id)
 
 
 def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:
