@@ -1,8 +1,11 @@
-"""The upstream side: one shared client, header hygiene, and error translation.
+"""The upstream side: one shared client, header hygiene, error translation, and the one
+attempt loop every inference path uses.
 
-`UpstreamProxy` is an ASGI app that forwards the (already rewritten) request body to the
-route's upstream and relays the answer. It is the innermost room of the house: it knows
-nothing about money; metering wraps it.
+`UpstreamProxy` is the innermost room of the house: it forwards a request to the route's
+upstreams in order (falling back before the first byte, cooling failed upstreams down) and
+relays the answer. It knows nothing about money; metering wraps it. The OpenAI-compatible
+path sends the same (already rewritten) body to each upstream; the agent endpoints give
+`UpstreamProxy.attempt` their own per-upstream call (translated or native) and relay.
 """
 
 from __future__ import annotations

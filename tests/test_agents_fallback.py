@@ -18,7 +18,9 @@ pytestmark = pytest.mark.anyio
 async def down_failures(gw: GatewayHarness, route: str) -> int:
     """Failed attempts at the "down" upstream counted for `route` (0 when none yet)."""
     text = (await gw.http().get("/metrics")).text
-    pattern = rf'^quota_upstream_errors_total{{kind="[^"]+",route="{re.escape(route)}",upstream="down"}} (\S+)$'
+    pattern = (
+        rf'^quota_upstream_errors_total{{kind="[^"]+",route="{re.escape(route)}",upstream="down"}} (\S+)$'
+    )
     return sum(int(float(m.group(1))) for m in re.finditer(pattern, text, re.M))
 
 
@@ -37,7 +39,9 @@ model = "fake-fast"
     await gw.account("acme", 1_000_000)
     key = await gw.key()
 
-    message = await claude(gw, key).messages.create(model="quota/agent-fallback", max_tokens=64, messages=MESSAGES)
+    message = await claude(gw, key).messages.create(
+        model="quota/agent-fallback", max_tokens=64, messages=MESSAGES
+    )
     assert message.usage.output_tokens == REPLY  # "down" failed, "claude" answered
     assert await down_failures(gw, "quota/agent-fallback") == 1
 

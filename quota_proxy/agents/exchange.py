@@ -1,5 +1,6 @@
-"""One forwarded agent request: the upstream call (with fallback), the relay that reads
-its usage in the upstream's own dialect, and the one settlement."""
+"""One forwarded agent request: the upstream call (the chat path's attempt loop, with its
+fallback and cooldowns), the relay that reads usage in the upstream's own dialect, and the
+one settlement (through the chat path's Meter)."""
 
 from __future__ import annotations
 
