@@ -11,10 +11,18 @@ serves OpenAI-compatible endpoints of its own.
 
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import ConfigError, Route, Settings, Upstream, load_settings, parse_settings
+from quota_proxy.config import (
+    ConfigError,
+    Route,
+    Settings,
+    StoreSettings,
+    Upstream,
+    load_settings,
+    parse_settings,
+)
 from quota_proxy.metering import Billing, MeteringMiddleware
 from quota_proxy.routing import RouteTable
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store, open_store
 
 __all__ = [
     "AuthMiddleware",
@@ -26,10 +34,12 @@ __all__ = [
     "Route",
     "RouteTable",
     "Settings",
-    "SqliteStore",
+    "Store",
+    "StoreSettings",
     "Upstream",
     "create_app",
     "load_settings",
+    "open_store",
     "parse_settings",
 ]
 

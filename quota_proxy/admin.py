@@ -18,7 +18,7 @@ from quota_proxy.store import (
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
-    SqliteStore,
+    Store,
 )
 
 
@@ -104,14 +104,14 @@ def quota_tokens(settings: Settings, usd: str | None, tokens: int | None) -> int
     return tokens
 
 
-async def developer(store: SqliteStore, name: str) -> Account:
+async def developer(store: Store, name: str) -> Account:
     account = await store.account_by_name(name)
     if account is None:
         raise AdminError(f"no account named {name!r} (see `quota-proxy accounts list`)")
     return account
 
 
-async def app_user(store: SqliteStore, account: Account, external_id: str) -> Account:
+async def app_user(store: Store, account: Account, external_id: str) -> Account:
     user = await store.user(account.id, external_id)
     if user is None:
         raise AdminError(f"account {account.name!r} has no user {external_id!r}")
@@ -119,7 +119,7 @@ async def app_user(store: SqliteStore, account: Account, external_id: str) -> Ac
 
 
 async def create_account(
-    store: SqliteStore, settings: Settings, name: str, amount: int | None
+    store: Store, settings: Settings, name: str, amount: int | None
 ) -> dict[str, Any]:
     if not name.strip():
         raise AdminError("an account name must not be empty")
@@ -134,7 +134,7 @@ async def create_account(
 
 
 async def credit(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     name: str,
     amount: int | None,
@@ -159,7 +159,7 @@ async def credit(
 
 
 async def create_key(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     kind: str,
@@ -203,7 +203,7 @@ async def create_key(
 
 
 async def grant(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     external_id: str,

@@ -31,7 +31,7 @@ from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
 from quota_proxy.routing import RouteTable
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store, open_store
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
@@ -48,13 +48,13 @@ class Gateway:
         self,
         settings: Settings,
         *,
-        store: SqliteStore | None = None,
+        store: Store | None = None,
         http_client: UpstreamClient | None = None,
         reload_on_sighup: bool = False,
     ) -> None:
         self.settings = settings
         self.reload_on_sighup = reload_on_sighup
-        self.store = store or SqliteStore(settings.store.path)
+        self.store = store or open_store(settings.store)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
         self.owner = f"{os.getpid()}-{os.urandom(4).hex()}"
@@ -134,8 +134,8 @@ class Gateway:
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return False
-        if new.store.path != self.settings.store.path:
-            logger.warning("reload: store.path changed; it takes effect at the next restart")
+        if new.store != self.settings.store:
+            logger.warning("reload: [store] changed; it takes effect at the next restart")
         self.settings = new
         self.routes.replace(new.routes)
         self.services.settings = new
@@ -198,7 +198,7 @@ class Gateway:
 def create_app(
     settings: Settings | str | os.PathLike[str] | None = None,
     *,
-    store: SqliteStore | None = None,
+    store: Store | None = None,
     http_client: UpstreamClient | None = None,
 ) -> Gateway:
     """Build the gateway from Settings or a TOML path (default: $QUOTA_PROXY_CONFIG)."""

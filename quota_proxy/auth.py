@@ -12,13 +12,13 @@ import time
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
 from quota_proxy.errors import InvalidApiKey
 from quota_proxy.keys import digest, key_kind
-from quota_proxy.store import KeyRecord, SqliteStore
+from quota_proxy.store import KeyRecord, Store
 
 KEY_SCOPE = "quota.key"
 
 
 class KeyCache:
-    def __init__(self, store: SqliteStore, ttl_s: float = 2.0, max_entries: int = 100_000) -> None:
+    def __init__(self, store: Store, ttl_s: float = 2.0, max_entries: int = 100_000) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entries = max_entries

@@ -17,7 +17,7 @@ import orjson
 
 from quota_proxy import admin
 from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
-from quota_proxy.store import SqliteStore, StoreError
+from quota_proxy.store import Store, StoreError, open_store
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -188,12 +188,12 @@ def _print(as_json: bool, data: Any, table: Table) -> None:
 
 
 async def _run_store_command(args: argparse.Namespace, settings: Settings) -> tuple[Any, Table]:
-    async with SqliteStore(settings.store.path) as store:
+    async with open_store(settings.store) as store:
         handler = _HANDLERS[(args.command, getattr(args, "action", None))]
         return await handler(args, settings, store)
 
 
-Handler = Callable[[argparse.Namespace, Settings, SqliteStore], Awaitable[tuple[Any, Table]]]
+Handler = Callable[[argparse.Namespace, Settings, Store], Awaitable[tuple[Any, Table]]]
 _HANDLERS: dict[tuple[str, str | None], Handler] = {}
 
 
@@ -206,20 +206,20 @@ def _handles(command: str, action: str | None = None) -> Callable[[Handler], Han
 
 
 @_handles("accounts", "create")
-async def _accounts_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _accounts_create(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
     data = await admin.create_account(store, s, args.name, amount)
     return data, lambda d: f"created account {d['name']} ({d['id']}), balance {d['balance']}\n"
 
 
 @_handles("accounts", "list")
-async def _accounts_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _accounts_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     data = [admin.account_view(a, s) for a in await store.list_accounts()]
     return data, lambda d: _table(d, ["name", "id", "balance", "balance_quota_tokens", "held_quota_tokens"])
 
 
 @_handles("keys", "create")
-async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_create(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     routes = tuple(r.strip() for r in args.routes.split(",") if r.strip()) if args.routes else None
     data = await admin.create_key(store, s, args.account, args.kind, args.name, routes,
                                   not args.no_community, args.expires,
@@ -231,14 +231,14 @@ async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("keys", "list")
-async def _keys_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account_id = (await admin.developer(store, args.account)).id if args.account else None
     data = [admin.key_view(k) for k in await store.list_keys(account_id)]
     return data, lambda d: _table(d, ["id", "prefix", "account", "kind", "name", "expires_at", "revoked_at"])
 
 
 @_handles("keys", "revoke")
-async def _keys_revoke(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_revoke(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     try:
         found = await store.revoke_key(args.key)
     except ValueError as exc:
@@ -250,7 +250,7 @@ async def _keys_revoke(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("credit")
-async def _credit(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _credit(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
     data = await admin.credit(store, s, args.account, amount, args.package, args.description)
     return data, lambda d: (
@@ -260,7 +260,7 @@ async def _credit(args: argparse.Namespace, s: Settings, store: SqliteStore) -> 
 
 
 @_handles("balance")
-async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _balance(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     if args.user:
         user = await admin.app_user(store, account, args.user)
@@ -273,7 +273,7 @@ async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) ->
 
 
 @_handles("usage")
-async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _usage(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     user_id = (await admin.app_user(store, account, args.user)).id if args.user else None
     rows = await store.usage(account.id, args.days, user_id)
@@ -292,7 +292,7 @@ async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 
 @_handles("ledger", "list")
-async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _ledger_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     target = await admin.app_user(store, account, args.user) if args.user else account
     data = [admin.ledger_view(e, s) for e in await store.ledger(target.id, args.limit)]
@@ -301,7 +301,7 @@ async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("ledger", "verify")
-async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _ledger_verify(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     problems = await store.verify_ledger()
     accounts = await store.account_count()
     data = {"ok": not problems, "accounts": accounts, "problems": problems}
@@ -315,14 +315,14 @@ async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteSto
 
 
 @_handles("backup")
-async def _backup(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _backup(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     size = await store.backup(args.path)
     data = {"backup": str(args.path), "bytes": size, "store": str(s.store.path)}
     return data, lambda d: f"backed up {d['store']} to {d['backup']} ({d['bytes']} bytes)\n"
 
 
 @_handles("grant")
-async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _grant(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     data = await admin.grant(store, s, args.account, args.user, args.usd, args.idempotency_key,
                              args.description)
     return data, lambda d: (
@@ -332,7 +332,7 @@ async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 
 @_handles("users", "list")
-async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     from quota_proxy.api.common import user_view
 
     account = await admin.developer(store, args.account)
@@ -341,7 +341,7 @@ async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 
 @_handles("users", "show")
-async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_show(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     from quota_proxy.api.common import user_view
 
     account = await admin.developer(store, args.account)
@@ -350,7 +350,7 @@ async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 
 @_handles("users", "set-mode")
-async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_set_mode(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     from quota_proxy.api.common import user_view
 
     account = await admin.developer(store, args.account)

@@ -40,7 +40,15 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
+    """`path` picks SQLite (the default); `url` picks PostgreSQL and the rest tune it."""
+
     path: Path = Path("quota.db")
+    url: str | None = None
+    password_env: str | None = None
+    password: str | None = field(default=None, repr=False)
+    pool_size: int = 10
+    connect_timeout_s: float = 5.0
+    command_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +188,36 @@ def parse_settings(
     )
 
     st = v.table("store", raw.get("store"))
-    v.only_keys("store", st, {"path"})
+    v.only_keys(
+        "store", st,
+        {"path", "url", "password_env", "pool_size", "connect_timeout_s", "command_timeout_s"},
+    )
     store_path = Path(v.string("store.path", st.get("path", "quota.db")))
     if not store_path.is_absolute():
         store_path = base_dir / store_path
-    store = StoreSettings(path=store_path)
+    store_url = st.get("url")
+    if store_url is not None:
+        store_url = v.string("store.url", store_url)
+        if "path" in st:
+            v.problem("store.url", "give either store.path (SQLite) or store.url (PostgreSQL), not both")
+        if not store_url.startswith(("postgresql://", "postgres://")):
+            v.problem("store.url", 'must start with "postgresql://"')
+    password_env = st.get("password_env")
+    password = None
+    if password_env is not None:
+        password_env = v.string("store.password_env", password_env)
+        password = env.get(password_env) or None
+        if password is None:
+            v.warn("store.password_env", f"environment variable {password_env} is not set")
+    store = StoreSettings(
+        path=store_path,
+        url=store_url,
+        password_env=password_env,
+        password=password,
+        pool_size=v.integer("store.pool_size", st.get("pool_size", 10), 1, 1000),
+        connect_timeout_s=v.number("store.connect_timeout_s", st.get("connect_timeout_s", 5), positive=True),
+        command_timeout_s=v.number("store.command_timeout_s", st.get("command_timeout_s", 10), positive=True),
+    )
 
     bl = v.table("billing", raw.get("billing"))
     v.only_keys("billing", bl, {"quota_tokens_per_usd", "overdraft", "hold_ttl_s"})

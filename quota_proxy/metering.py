@@ -27,7 +27,7 @@ from quota_proxy.errors import (
 )
 from quota_proxy.routing import RouteTable
 from quota_proxy.sse import SSEMeter, choice_texts
-from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, Store, TooManyInFlight
 from quota_proxy.tokens import estimate_output_tokens, estimate_prompt_tokens
 from quota_proxy.upstream import OUTCOME_KEY
 
@@ -59,7 +59,7 @@ class MeteringMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        store: SqliteStore,
+        store: Store,
         settings: Settings,
         routes: RouteTable,
         owner: str,

@@ -23,7 +23,7 @@ import pytest
 from quota_proxy import admin
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.config import Limits, Settings, load_settings
-from quota_proxy.store import Account, SqliteStore
+from quota_proxy.store import Account, Store
 from quota_proxy.testing import RunningUpstream, run_fake_upstream, run_server
 
 
@@ -136,7 +136,7 @@ class GatewayHarness:
         return f"{self.url}/v1"
 
     @property
-    def store(self) -> SqliteStore:
+    def store(self) -> Store:
         return self.app.store
 
     async def account(self, name: str = "acme", quota_tokens: int = 1_000_000) -> Account:

@@ -17,7 +17,7 @@ from quota_proxy.keys import KIND_SECRET
 from quota_proxy.metrics import Metrics
 from quota_proxy.money import Money
 from quota_proxy.routing import RouteTable
-from quota_proxy.store import Account, KeyRecord, SqliteStore
+from quota_proxy.store import Account, KeyRecord, Store
 
 EXTERNAL_USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
@@ -25,7 +25,7 @@ EXTERNAL_USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    store: SqliteStore
+    store: Store
     routes: RouteTable
     money: Money
     keys: KeyCache

@@ -1,5 +1,10 @@
-"""Persistence behind one interface; SQLite now, a server database later."""
+"""Persistence behind one interface (store.protocol.Store): SQLite by default, PostgreSQL
+when several gateway machines share one set of balances. open_store() picks the engine
+from the config; nothing outside this package names one."""
 
+from __future__ import annotations
+
+from quota_proxy.config import StoreSettings
 from quota_proxy.store.models import (
     Account,
     IdempotencyMismatch,
@@ -9,10 +14,29 @@ from quota_proxy.store.models import (
     Outcome,
     Settlement,
     StoreError,
+    StoreUnavailable,
     TooManyInFlight,
     UsageRow,
 )
-from quota_proxy.store.sqlite import SqliteStore
+from quota_proxy.store.protocol import Store
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """The store the settings name, not yet opened (`await store.open()` or `async with`)."""
+    if settings.url is not None:
+        from quota_proxy.store.postgres import PostgresStore
+
+        return PostgresStore(
+            settings.url,
+            password=settings.password,
+            pool_size=settings.pool_size,
+            connect_timeout_s=settings.connect_timeout_s,
+            command_timeout_s=settings.command_timeout_s,
+        )
+    from quota_proxy.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.path)
+
 
 __all__ = [
     "Account",
@@ -22,8 +46,10 @@ __all__ = [
     "LedgerEntry",
     "Outcome",
     "Settlement",
-    "SqliteStore",
+    "Store",
     "StoreError",
+    "StoreUnavailable",
     "TooManyInFlight",
     "UsageRow",
+    "open_store",
 ]

@@ -136,6 +136,10 @@ class SqliteStore:
             await conn.execute("PRAGMA synchronous = NORMAL")
             await conn.execute("PRAGMA foreign_keys = ON")
 
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
     async def close(self) -> None:
         for conn in (self._db, self._tx):
             if conn is not None:

@@ -1,0 +1,661 @@
+"""The PostgreSQL store: several gateway machines share one set of balances.
+
+asyncpg, one pool per process. Every hot-path write is one statement and so one round trip
+(the hold: an INSERT whose trigger runs the conditional UPDATE; the settlement: an INSERT
+keyed by request id whose trigger charges, releases and rolls up). The few multi-statement
+writes (grants) run in a transaction and are retried as a whole on deadlock or
+serialization failure (SQLSTATE 40P01 / 40001), with a bound. Connection loss and timeouts
+become StoreUnavailable, so callers fail closed; the pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from quota_proxy.keys import new_id
+from quota_proxy.store.models import (
+    Account,
+    IdempotencyMismatch,
+    InsufficientFunds,
+    KeyRecord,
+    LedgerEntry,
+    Settlement,
+    StoreError,
+    StoreUnavailable,
+    TooManyInFlight,
+    UsageRow,
+)
+
+logger = logging.getLogger("quota_proxy.store")
+
+MIGRATIONS = ("pg_schema_v1.sql",)
+MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time across gateways
+TX_ATTEMPTS = 5  # a deadlock or serialization failure is retried this many times, then raised
+SETTLE_ATTEMPTS = 4  # a settlement survives this many lost connections before it is queued
+
+_ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
+_KEY_COLUMNS = (
+    "k.id, k.public_id, k.account_id, a.name, a.public_id, k.kind, k.name, k.prefix, k.routes, "
+    "k.allow_community, k.expires_at, k.revoked_at, k.created_at, k.rpm, k.tpm, k.max_concurrent"
+)
+_KEY_FROM = "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+_LEDGER_COLUMNS = (
+    "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
+    "related_id, description, created_at"
+)
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, cancel, statement timeout
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.InterfaceError,  # the connection closed under us
+    OSError,  # refused, unreachable
+    TimeoutError,
+)
+
+T = TypeVar("T")
+
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _account(row: Any) -> Account:
+    return Account(*row)
+
+
+def _key(row: Any) -> KeyRecord:
+    values = list(row)
+    values[8] = tuple(orjson.loads(values[8])) if values[8] is not None else None
+    return KeyRecord(*values)
+
+
+def _ledger(row: Any) -> LedgerEntry:
+    return LedgerEntry(*row)
+
+
+class PostgresStore:
+    """The store interface over a PostgreSQL database shared by every gateway."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        pool_size: int = 10,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._password = password
+        self.pool_size = pool_size
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self._pool: asyncpg.Pool | None = None
+        # Settlements whose connection died on every attempt: written by the next
+        # refresh_holds (the hold keeper), keyed by request id so none is written twice.
+        self._unsettled: dict[str, Settlement] = {}
+
+    @property
+    def description(self) -> str:
+        return redact(self.url)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout_s,
+                command_timeout=self.command_timeout_s,
+                max_inactive_connection_lifetime=60.0,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"{self.description}: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
+        try:
+            await self._run(self._migrate)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), self.command_timeout_s)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self, conn: asyncpg.Connection) -> int:
+        """Apply the migrations this database lacks, each in its own transaction, under an
+        advisory lock so gateways starting together migrate once."""
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.description}: schema version {version} is newer than this "
+                    f"quota-proxy ({len(MIGRATIONS)}); upgrade quota-proxy"
+                )
+            for number, name in enumerate(MIGRATIONS[version:], start=version + 1):
+                script = resources.files("quota_proxy.store").joinpath(name).read_text()
+                async with conn.transaction():
+                    await conn.execute(script)
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
+            return len(MIGRATIONS)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+    # -- the one boundary where driver errors become store errors ------------------------
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = False) -> T:
+        """Run work on a pooled connection (in a transaction if tx); retry it whole on
+        deadlock or serialization failure, at most TX_ATTEMPTS times; translate errors."""
+        for attempt in range(1, TX_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire(timeout=self.connect_timeout_s) as conn:
+                    if not tx:
+                        return await work(conn)
+                    async with conn.transaction():
+                        return await work(conn)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate in _RETRY_SQLSTATES and attempt < TX_ATTEMPTS:
+                    logger.info("store: %s, retrying (attempt %d)", exc.sqlstate, attempt)
+                    await asyncio.sleep(random.uniform(0.001, 0.01) * 2**attempt)
+                    continue
+                if isinstance(exc, _UNAVAILABLE):
+                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _one(self, sql: str, *args: Any) -> Any:
+        return await self._run(lambda conn: conn.fetchrow(sql, *args))
+
+    async def _all(self, sql: str, *args: Any) -> list[Any]:
+        return await self._run(lambda conn: conn.fetch(sql, *args))
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        return await self._run(lambda conn: conn.execute(sql, *args))
+
+    async def ping(self) -> None:
+        await self._one("SELECT 1 FROM accounts LIMIT 1")
+
+    async def backup(self, target: Path) -> int:
+        raise StoreError(
+            "backup copies a SQLite file; back up PostgreSQL with pg_dump (see docs/postgres.md)"
+        )
+
+    async def account_count(self) -> int:
+        row = await self._one("SELECT count(*) FROM accounts")
+        return int(row[0])
+
+    # -- accounts -----------------------------------------------------------------------
+
+    async def create_account(self, name: str) -> Account:
+        try:
+            row = await self._one(
+                f"INSERT INTO accounts (public_id, kind, name, created_at) "
+                f"VALUES ($1, 'developer', $2, $3) RETURNING {_ACCOUNT_COLUMNS}",
+                new_id("acct"), name, now_ms(),
+            )
+        except asyncpg.UniqueViolationError:
+            raise ValueError(f"an account named {name!r} already exists") from None
+        return _account(row)
+
+    async def account_by_name(self, name: str) -> Account | None:
+        row = await self._one(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = $1", name
+        )
+        return _account(row) if row else None
+
+    async def account(self, account_id: int) -> Account | None:
+        row = await self._one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
+        return _account(row) if row else None
+
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._all(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
+        )
+        return [_account(r) for r in rows]
+
+    async def user(self, developer_id: int, external_user_id: str) -> Account | None:
+        row = await self._one(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            "WHERE kind = 'user' AND parent_id = $1 AND name = $2",
+            developer_id, external_user_id,
+        )
+        return _account(row) if row else None
+
+    async def list_users(self, developer_id: int) -> list[Account]:
+        rows = await self._all(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            "WHERE kind = 'user' AND parent_id = $1 ORDER BY name",
+            developer_id,
+        )
+        return [_account(r) for r in rows]
+
+    async def set_billing_mode(self, user_id: int, mode: str) -> None:
+        await self._execute(
+            "UPDATE accounts SET billing_mode = $1 WHERE id = $2 AND kind = 'user'", mode, user_id
+        )
+
+    # -- ledger -------------------------------------------------------------------------
+
+    async def credit(self, account_id: int, amount: int, kind: str, description: str = "") -> LedgerEntry:
+        """A purchase, credit, refund or adjustment: one ledger row; its trigger moves the balance."""
+        try:
+            row = await self._one(
+                f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
+                f"description, created_at) VALUES ($1, $2, $3, 0, $4, $5, $6) "
+                f"RETURNING {_LEDGER_COLUMNS}",
+                new_id("ledg"), account_id, amount, kind, description, now_ms(),
+            )
+        except (asyncpg.ForeignKeyViolationError, asyncpg.RaiseError):
+            raise ValueError("no such account") from None
+        return _ledger(row)
+
+    async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
+        rows = await self._all(
+            f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2",
+            account_id, limit,
+        )
+        return [_ledger(r) for r in rows]
+
+    async def verify_ledger(self) -> list[dict[str, Any]]:
+        """Accounts whose balance differs from the sum of their ledger, or whose held amount
+        differs from their open holds; read in one snapshot. Empty means the books reconcile."""
+        rows = await self._all(
+            """
+            SELECT a.id, a.kind, a.name, a.balance, a.held,
+                   coalesce(l.total, 0) AS ledger_sum, coalesce(h.total, 0) AS holds_sum
+            FROM accounts a
+            LEFT JOIN (SELECT account_id, sum(amount) AS total FROM ledger GROUP BY account_id) l
+                ON l.account_id = a.id
+            LEFT JOIN (SELECT account_id, sum(amount) AS total FROM holds GROUP BY account_id) h
+                ON h.account_id = a.id
+            WHERE a.balance <> coalesce(l.total, 0) OR a.held <> coalesce(h.total, 0)
+            ORDER BY a.id
+            """
+        )
+        return [
+            {
+                "account_id": r["id"],
+                "kind": r["kind"],
+                "name": r["name"],
+                "balance": r["balance"],
+                "ledger_sum": int(r["ledger_sum"]),
+                "held": r["held"],
+                "open_holds": int(r["holds_sum"]),
+            }
+            for r in rows
+        ]
+
+    # -- keys ---------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        account_id: int,
+        kind: str,
+        digest: str,
+        prefix: str,
+        name: str = "",
+        routes: tuple[str, ...] | None = None,
+        allow_community: bool = True,
+        expires_at: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> KeyRecord:
+        row = await self._one(
+            f"WITH k AS (INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, "
+            f"routes, allow_community, expires_at, created_at, rpm, tpm, max_concurrent) "
+            f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING *) "
+            f"SELECT {_KEY_COLUMNS} FROM k JOIN accounts a ON a.id = k.account_id",
+            new_id("key"), account_id, kind, name, digest, prefix,
+            orjson.dumps(list(routes)).decode() if routes is not None else None,
+            allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent,
+        )
+        return _key(row)
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        row = await self._one(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.digest = $1", digest)
+        return _key(row) if row else None
+
+    async def list_keys(self, account_id: int | None = None) -> list[KeyRecord]:
+        if account_id:
+            rows = await self._all(
+                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.account_id = $1 ORDER BY k.id", account_id
+            )
+        else:
+            rows = await self._all(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} ORDER BY k.id")
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, id_or_prefix: str) -> list[KeyRecord]:
+        """Revoke by public id or display prefix; refuses an ambiguous prefix."""
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.public_id = $1 OR k.prefix = $1", id_or_prefix
+        )
+        keys = [_key(r) for r in rows]
+        if len(keys) > 1:
+            raise ValueError(
+                f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "
+                + ", ".join(k.public_id for k in keys)
+            )
+        if keys:
+            await self._execute(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                now_ms(), keys[0].id,
+            )
+        return keys
+
+    # -- holds and settlement -------------------------------------------------------------
+
+    async def take_hold(
+        self,
+        account_id: int,
+        amount: int,
+        request_id: str,
+        owner: str,
+        ttl_ms: int,
+        key_id: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> int:
+        """Reserve amount against the available balance: one INSERT, whose trigger runs
+        `UPDATE accounts SET held = held + amount WHERE id = … AND balance - held >= amount`.
+
+        InsufficientFunds (with the available amount) if it does not fit; TooManyInFlight if
+        the key already has max_concurrent holds open on any gateway.
+        """
+        try:
+            row = await self._one(
+                "INSERT INTO holds (account_id, amount, request_id, owner, expires_at, created_at, "
+                "key_id, max_concurrent) "
+                "SELECT $1, $2, $3, $4, now + $5, now, $6, $7 FROM quota_now_ms() AS now "
+                "RETURNING id",
+                account_id, amount, request_id, owner, ttl_ms, key_id, max_concurrent,
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == "QP001":
+                raise InsufficientFunds(int(getattr(exc, "detail", None) or 0)) from None
+            if exc.sqlstate == "QP002":
+                raise TooManyInFlight() from None
+            raise
+        return int(row[0])
+
+    async def count_request(self, key_id: int, rpm: int | None, tpm: int | None) -> bool:
+        """Count one request in the key's current minute if it is under both limits; the
+        upsert runs under the window row's lock, so all gateways share one count."""
+        row = await self._one(
+            "INSERT INTO rate_windows AS w (key_id, minute, requests) "
+            "VALUES ($1, quota_now_ms() / 60000, 1) "
+            "ON CONFLICT (key_id, minute) DO UPDATE SET requests = w.requests + 1 "
+            "WHERE w.requests < $2 AND w.tokens < $3 RETURNING requests",
+            key_id, rpm or 2**62, tpm or 2**62,
+        )
+        return row is not None
+
+    async def purge_rate_windows(self) -> None:
+        await self._execute("DELETE FROM rate_windows WHERE minute < quota_now_ms() / 60000 - 2")
+
+    async def available(self, account_id: int) -> int:
+        row = await self._one("SELECT balance - held FROM accounts WHERE id = $1", account_id)
+        return int(row[0]) if row else 0
+
+    async def settle(self, s: Settlement) -> str | None:
+        """Charge, release the hold, record usage: one statement, keyed by request id.
+
+        A lost connection is retried (the key makes a retry safe: a settlement that did
+        commit is not written again); if the database stays away, the settlement waits in
+        memory for the hold keeper, and its hold (kept alive by this process) waits with it.
+        """
+        ledger_id = new_id("ledg") if s.charged > 0 else None
+        delay = 0.05
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                return await self._settle(s, ledger_id)
+            except StoreUnavailable as exc:
+                if attempt == SETTLE_ATTEMPTS:
+                    logger.warning("store: settlement of %s queued: %s", s.request_id, exc)
+                    self._unsettled[s.request_id] = s
+                    return None
+                await asyncio.sleep(delay)
+                delay *= 4
+        return None
+
+    async def _settle(self, s: Settlement, ledger_id: str | None) -> str | None:
+        row = await self._one(
+            "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
+            "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
+            "estimated, outcome, status, ledger_id, created_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
+            "quota_now_ms()) ON CONFLICT (request_id) DO NOTHING RETURNING ledger_id",
+            s.request_id, s.account_id, s.user_id, s.charged_account_id, s.key_id, s.hold_id,
+            s.route, s.upstream_model, s.input_tokens, s.output_tokens, s.multiplier, s.charged,
+            s.estimated, str(s.outcome), s.status, ledger_id,
+        )
+        if row is not None:
+            return str(row[0]) if row[0] is not None else None
+        # Settled before (the reply to an earlier attempt was lost): report that ledger id.
+        earlier = await self._one("SELECT ledger_id FROM requests WHERE request_id = $1", s.request_id)
+        return str(earlier[0]) if earlier and earlier[0] is not None else None
+
+    async def _settle_queued(self) -> None:
+        for request_id, s in list(self._unsettled.items()):
+            await self._settle(s, new_id("ledg") if s.charged > 0 else None)
+            self._unsettled.pop(request_id, None)
+
+    async def release_hold(self, hold_id: int) -> None:
+        await self._execute("DELETE FROM holds WHERE id = $1", hold_id)
+
+    async def refresh_holds(self, owner: str, ttl_ms: int) -> None:
+        """Keep this process's in-flight holds alive (a dead gateway stops doing this), after
+        writing any settlements that waited for the database."""
+        await self._settle_queued()
+        await self._execute(
+            "UPDATE holds SET expires_at = quota_now_ms() + $1 WHERE owner = $2", ttl_ms, owner
+        )
+
+    async def release_expired_holds(self) -> int:
+        status = await self._execute("DELETE FROM holds WHERE expires_at < quota_now_ms()")
+        return int(status.split()[-1])
+
+    async def open_holds(self) -> int:
+        row = await self._one("SELECT count(*) FROM holds")
+        return int(row[0])
+
+    # -- usage --------------------------------------------------------------------------
+
+    async def usage(self, account_id: int, days: int = 30, user_id: int | None = None) -> list[UsageRow]:
+        since = _since(days)
+        user_filter = "AND u.user_id = $3" if user_id is not None else ""
+        args: tuple[Any, ...] = (account_id, since) + ((user_id,) if user_id is not None else ())
+        rows = await self._all(
+            f"""
+            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged
+            FROM usage_daily u LEFT JOIN accounts usr ON usr.id = u.user_id AND u.user_id <> 0
+            WHERE u.account_id = $1 AND u.day >= $2 {user_filter}
+            ORDER BY u.day, u.route, usr.name
+            """,
+            *args,
+        )
+        return [UsageRow(*r) for r in rows]
+
+    async def usage_summary(
+        self, account_id: int, days: int = 30, top_users: int = 100
+    ) -> dict[str, list[tuple[Any, ...]]]:
+        """Usage summed in SQL by route, by day, and for the top users by charge; rows are
+        (name, requests, input_tokens, output_tokens, charged)."""
+        since = _since(days)
+        sums = (
+            "sum(requests)::bigint, sum(input_tokens)::bigint, "
+            "sum(output_tokens)::bigint, sum(charged)::bigint"
+        )
+        where = "account_id = $1 AND day >= $2"
+
+        async def work(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+            by_route = await conn.fetch(
+                f"SELECT route, {sums} FROM usage_totals WHERE {where} GROUP BY route ORDER BY route",
+                account_id, since,
+            )
+            by_day = await conn.fetch(
+                f"SELECT day, {sums} FROM usage_totals WHERE {where} GROUP BY day ORDER BY day",
+                account_id, since,
+            )
+            by_user = await conn.fetch(
+                f"""
+                SELECT usr.name, t.requests, t.input_tokens, t.output_tokens, t.charged FROM (
+                    SELECT user_id, sum(requests)::bigint AS requests,
+                           sum(input_tokens)::bigint AS input_tokens,
+                           sum(output_tokens)::bigint AS output_tokens,
+                           sum(charged)::bigint AS charged
+                    FROM usage_daily WHERE {where} AND user_id <> 0 GROUP BY user_id
+                    ORDER BY sum(charged) DESC, user_id LIMIT $3
+                ) t JOIN accounts usr ON usr.id = t.user_id
+                ORDER BY t.charged DESC, t.user_id
+                """,
+                account_id, since, top_users,
+            )
+            return {
+                "by_route": [tuple(r) for r in by_route],
+                "by_day": [tuple(r) for r in by_day],
+                "by_user": [tuple(r) for r in by_user],
+            }
+
+        return await self._run(work)
+
+    # -- funding ------------------------------------------------------------------------
+
+    async def grant(
+        self,
+        developer_id: int,
+        external_user_id: str,
+        amount: int,
+        description: str,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Move amount from the developer's pool to the user, in one transaction.
+
+        The idempotency row is claimed first: a concurrent grant with the same key (on any
+        gateway) waits on its unique index and then replays this grant's committed answer;
+        if this grant rolls back, the waiting one proceeds as the first.
+        """
+
+        async def work(conn: asyncpg.Connection) -> tuple[dict[str, Any], bool]:
+            now = now_ms()
+            if idempotency_key is not None:
+                claimed = await conn.fetchval(
+                    "INSERT INTO idempotency (account_id, key, request_hash, response, created_at) "
+                    "VALUES ($1, $2, $3, '', $4) ON CONFLICT DO NOTHING RETURNING 1",
+                    developer_id, idempotency_key, request_hash, now,
+                )
+                if claimed is None:
+                    earlier = await conn.fetchrow(
+                        "SELECT request_hash, response FROM idempotency WHERE account_id = $1 AND key = $2",
+                        developer_id, idempotency_key,
+                    )
+                    if earlier["request_hash"] != request_hash:
+                        raise IdempotencyMismatch()
+                    return orjson.loads(earlier["response"]), True
+            available = await conn.fetchval(
+                "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE", developer_id
+            )
+            if available is None or available < amount:
+                raise InsufficientFunds(int(available or 0))
+            await conn.execute(
+                "INSERT INTO accounts (public_id, kind, name, parent_id, created_at) "
+                "VALUES ($1, 'user', $2, $3, $4) ON CONFLICT DO NOTHING",
+                new_id("user"), external_user_id, developer_id, now,
+            )
+            user = await conn.fetchrow(
+                "SELECT id, balance, billing_mode FROM accounts "
+                "WHERE kind = 'user' AND parent_id = $1 AND name = $2 FOR UPDATE",
+                developer_id, external_user_id,
+            )
+            dev_ledger, user_ledger = new_id("ledg"), new_id("ledg")
+            insert = (
+                "INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
+                "idempotency_key, related_id, description, created_at) "
+                "VALUES ($1, $2, $3, 0, 'grant', $4, $5, $6, $7) RETURNING balance_after"
+            )
+            dev_after = await conn.fetchval(
+                insert, dev_ledger, developer_id, -amount, idempotency_key, user_ledger, description, now
+            )
+            user_after = await conn.fetchval(
+                insert, user_ledger, user["id"], amount, idempotency_key, dev_ledger, description, now
+            )
+            facts = {
+                "external_user_id": external_user_id,
+                "amount": amount,
+                "balance_before": user["balance"],
+                "balance_after": user_after,
+                "ledger_id": user_ledger,
+                "developer_ledger_id": dev_ledger,
+                "developer_balance_after": dev_after,
+                "billing_mode": user["billing_mode"],
+                "description": description,
+                "created_at": now,
+            }
+            if idempotency_key is not None:
+                await conn.execute(
+                    "UPDATE idempotency SET response = $3 WHERE account_id = $1 AND key = $2",
+                    developer_id, idempotency_key, orjson.dumps(facts),
+                )
+            return facts, False
+
+        return await self._run(work, tx=True)
+
+    async def purge_idempotency(self, older_than_ms: int) -> int:
+        status = await self._execute(
+            "DELETE FROM idempotency WHERE created_at < $1", now_ms() - older_than_ms
+        )
+        return int(status.split()[-1])
+
+
+def _since(days: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86400))
