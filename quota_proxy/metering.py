@@ -373,7 +373,7 @@ class _MeteredResponse:
         assert self.start is not None
         body = b"".join(self.chunks)
         if self.status != 200:
-            await self.settle_once("upstream_error" if self.status >= 500 else "rejected")
+            await self.settle_once("upstream_error" if self.status >= 500 else "upstream_rejected")
             await self._send(self.start)
             await self._send({"type": "http.response.body", "body": body})
             return

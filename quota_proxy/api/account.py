@@ -9,7 +9,7 @@ from quota_proxy.api.common import Services, external_user_id, query, user_view
 from quota_proxy.asgi import Receive, Scope, Send, send_json
 from quota_proxy.errors import UserNotFound
 from quota_proxy.money import format_usd
-from quota_proxy.store import KeyRecord
+from quota_proxy.store import KeyRecord, UsageTotal
 
 USAGE_DAYS = 30
 TOP_USERS = 100  # /v1/me lists the app users who spent most; `quota-proxy usage` lists all
@@ -71,11 +71,14 @@ class AccountApi:
         assert account is not None
         summary = await self.s.store.usage_summary(key.account_id, USAGE_DAYS, TOP_USERS)
         total = _Totals()
-        for row in summary["by_route"]:
-            total.add(*row[1:])
+        for row in summary.by_route:
+            total.add(row.requests, row.input_tokens, row.output_tokens, row.charged)
 
-        def view(rows: list[tuple[Any, ...]], name: str) -> list[dict[str, Any]]:
-            return [{name: row[0], **_Totals(*row[1:]).view(money)} for row in rows]
+        def view(rows: tuple[UsageTotal, ...], name: str) -> list[dict[str, Any]]:
+            return [
+                {name: r.name, **_Totals(r.requests, r.input_tokens, r.output_tokens, r.charged).view(money)}
+                for r in rows
+            ]
 
         await send_json(
             send,
@@ -100,9 +103,9 @@ class AccountApi:
                 "usage": {
                     "days": USAGE_DAYS,
                     **total.view(money),
-                    "by_route": view(summary["by_route"], "route"),
-                    "by_day": view(summary["by_day"], "day"),
-                    "by_user": view(summary["by_user"], "external_user_id"),
+                    "by_route": view(summary.by_route, "route"),
+                    "by_day": view(summary.by_day, "day"),
+                    "by_user": view(summary.by_user, "external_user_id"),
                     "by_user_limit": TOP_USERS,
                 },
             },

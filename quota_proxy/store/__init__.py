@@ -4,21 +4,34 @@ from the config; nothing outside this package names one."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from quota_proxy.config import StoreSettings
 from quota_proxy.store.models import (
     Account,
+    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
+    LedgerPage,
     Outcome,
     Settlement,
     StoreError,
     StoreUnavailable,
     TooManyInFlight,
     UsageRow,
+    UsageSummary,
+    UsageTotal,
+    billed_tokens,
 )
 from quota_proxy.store.protocol import Store
+
+if TYPE_CHECKING:  # both engines satisfy the protocol, checked by mypy
+    from quota_proxy.store.postgres import PostgresStore
+    from quota_proxy.store.sqlite import SqliteStore
+
+    _engines: tuple[type[Store], ...] = (SqliteStore, PostgresStore)
 
 
 def open_store(settings: StoreSettings) -> Store:
@@ -40,10 +53,12 @@ def open_store(settings: StoreSettings) -> Store:
 
 __all__ = [
     "Account",
+    "ChargeDetails",
     "IdempotencyMismatch",
     "InsufficientFunds",
     "KeyRecord",
     "LedgerEntry",
+    "LedgerPage",
     "Outcome",
     "Settlement",
     "Store",
@@ -51,5 +66,8 @@ __all__ = [
     "StoreUnavailable",
     "TooManyInFlight",
     "UsageRow",
+    "UsageSummary",
+    "UsageTotal",
+    "billed_tokens",
     "open_store",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 
 class Outcome(StrEnum):
@@ -61,6 +62,34 @@ class KeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ChargeDetails:
+    """What a ledger entry's request was: joined from the request row in the same query."""
+
+    request_id: str
+    key_id: str | None  # the key's public id (key_…)
+    key_prefix: str | None
+    user: str | None  # the app user's external_user_id, None for the developer's own use
+    route: str
+    upstream_model: str
+    input_tokens: int  # uncached input only
+    output_tokens: int  # reasoning included
+    cache_read_tokens: int
+    cache_write_tokens: int  # short-lived (5 minute) cache writes
+    cache_write_1h_tokens: int
+    reasoning_tokens: int  # information only: already inside output_tokens
+    multiplier: str
+    charged: int
+    estimated: bool
+    outcome: Outcome
+    status: int
+    session_id: str | None
+
+    @property
+    def billed_tokens(self) -> int:
+        return billed_tokens(self)
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     id: int
     public_id: str
@@ -73,11 +102,25 @@ class LedgerEntry:
     related_id: str | None
     description: str
     created_at: int
+    charge: ChargeDetails | None = None  # set when the entry belongs to a metered request
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPage:
+    """A page of an account's ledger, newest first, and where the next (older) page starts."""
+
+    entries: tuple[LedgerEntry, ...]
+    more: int  # older entries not on this page
+    next_before: int | None  # pass as `before` for the next page; None when nothing is older
 
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What one request cost, written in one statement by SqliteStore.settle()."""
+    """What one request cost, written in one statement by the store's settle().
+
+    Buckets are disjoint: input_tokens is uncached input only, and billed tokens are
+    input + cache reads + both cache writes + output (reasoning is already in output).
+    """
 
     request_id: str
     account_id: int
@@ -92,8 +135,17 @@ class Settlement:
     multiplier: str
     charged: int
     estimated: bool
-    outcome: str
+    outcome: Outcome
     status: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    session_id: str | None = None
+
+    @property
+    def billed_tokens(self) -> int:
+        return billed_tokens(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +157,58 @@ class UsageRow:
     input_tokens: int
     output_tokens: int
     charged: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """One group's sums over a period; `name` is the route, the day or the external_user_id."""
+
+    name: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    charged: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    """An account's usage summed by route, by day, and for its top app users by charge."""
+
+    by_route: tuple[UsageTotal, ...]
+    by_day: tuple[UsageTotal, ...]
+    by_user: tuple[UsageTotal, ...]
+
+
+class _Buckets(Protocol):
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cache_read_tokens(self) -> int: ...
+    @property
+    def cache_write_tokens(self) -> int: ...
+    @property
+    def cache_write_1h_tokens(self) -> int: ...
+
+
+def billed_tokens(b: _Buckets) -> int:
+    """Every token the upstream billed, each counted once (reasoning is inside output)."""
+    return (
+        b.input_tokens
+        + b.cache_read_tokens
+        + b.cache_write_tokens
+        + b.cache_write_1h_tokens
+        + b.output_tokens
+    )
 
 
 class StoreError(Exception):

@@ -206,6 +206,8 @@ CREATE TABLE requests (
     created_at            bigint  NOT NULL
 );
 CREATE INDEX requests_account_time ON requests (account_id, created_at);
+CREATE INDEX requests_session ON requests (account_id, session_id, created_at)
+    WHERE session_id IS NOT NULL;
 CREATE INDEX requests_ledger ON requests (ledger_id) WHERE ledger_id IS NOT NULL;
 
 CREATE TABLE usage_daily (
@@ -217,10 +219,16 @@ CREATE TABLE usage_daily (
     input_tokens     bigint  NOT NULL DEFAULT 0,
     output_tokens    bigint  NOT NULL DEFAULT 0,
     charged          bigint  NOT NULL DEFAULT 0,
+    cache_read_tokens     bigint  NOT NULL DEFAULT 0,
+    cache_write_tokens    bigint  NOT NULL DEFAULT 0,
+    cache_write_1h_tokens bigint  NOT NULL DEFAULT 0,
+    reasoning_tokens      bigint  NOT NULL DEFAULT 0,
     PRIMARY KEY (account_id, day, route, user_id)
 );
 CREATE INDEX usage_daily_by_user
-    ON usage_daily (account_id, user_id, day) INCLUDE (requests, input_tokens, output_tokens, charged);
+    ON usage_daily (account_id, user_id, day)
+    INCLUDE (requests, input_tokens, output_tokens, charged, cache_read_tokens, cache_write_tokens,
+             cache_write_1h_tokens, reasoning_tokens);
 
 CREATE TABLE usage_totals (
     account_id       bigint  NOT NULL,
@@ -230,6 +238,10 @@ CREATE TABLE usage_totals (
     input_tokens     bigint  NOT NULL DEFAULT 0,
     output_tokens    bigint  NOT NULL DEFAULT 0,
     charged          bigint  NOT NULL DEFAULT 0,
+    cache_read_tokens     bigint  NOT NULL DEFAULT 0,
+    cache_write_tokens    bigint  NOT NULL DEFAULT 0,
+    cache_write_1h_tokens bigint  NOT NULL DEFAULT 0,
+    reasoning_tokens      bigint  NOT NULL DEFAULT 0,
     PRIMARY KEY (account_id, day, route)
 );
 
@@ -255,24 +267,39 @@ BEGIN
                     NEW.request_id, NEW.route, NEW.created_at);
     END IF;
     INSERT INTO usage_daily AS u (account_id, user_id, route, day, requests, input_tokens,
-                                  output_tokens, charged)
+                                  output_tokens, charged, cache_read_tokens, cache_write_tokens,
+                                  cache_write_1h_tokens, reasoning_tokens)
         VALUES (NEW.account_id, coalesce(NEW.user_id, 0), NEW.route, day, 1, NEW.input_tokens,
-                NEW.output_tokens, NEW.charged)
+                NEW.output_tokens, NEW.charged, NEW.cache_read_tokens, NEW.cache_write_tokens,
+                NEW.cache_write_1h_tokens, NEW.reasoning_tokens)
         ON CONFLICT (account_id, day, route, user_id) DO UPDATE SET
             requests = u.requests + 1,
             input_tokens = u.input_tokens + excluded.input_tokens,
             output_tokens = u.output_tokens + excluded.output_tokens,
-            charged = u.charged + excluded.charged;
+            charged = u.charged + excluded.charged,
+            cache_read_tokens = u.cache_read_tokens + excluded.cache_read_tokens,
+            cache_write_tokens = u.cache_write_tokens + excluded.cache_write_tokens,
+            cache_write_1h_tokens = u.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+            reasoning_tokens = u.reasoning_tokens + excluded.reasoning_tokens;
     INSERT INTO usage_totals AS t (account_id, day, route, requests, input_tokens, output_tokens,
-                                   charged)
-        VALUES (NEW.account_id, day, NEW.route, 1, NEW.input_tokens, NEW.output_tokens, NEW.charged)
+                                   charged, cache_read_tokens, cache_write_tokens,
+                                   cache_write_1h_tokens, reasoning_tokens)
+        VALUES (NEW.account_id, day, NEW.route, 1, NEW.input_tokens, NEW.output_tokens, NEW.charged,
+                NEW.cache_read_tokens, NEW.cache_write_tokens, NEW.cache_write_1h_tokens,
+                NEW.reasoning_tokens)
         ON CONFLICT (account_id, day, route) DO UPDATE SET
             requests = t.requests + 1,
             input_tokens = t.input_tokens + excluded.input_tokens,
             output_tokens = t.output_tokens + excluded.output_tokens,
-            charged = t.charged + excluded.charged;
+            charged = t.charged + excluded.charged,
+            cache_read_tokens = t.cache_read_tokens + excluded.cache_read_tokens,
+            cache_write_tokens = t.cache_write_tokens + excluded.cache_write_tokens,
+            cache_write_1h_tokens = t.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+            reasoning_tokens = t.reasoning_tokens + excluded.reasoning_tokens;
     IF NEW.key_id IS NOT NULL THEN
-        UPDATE rate_windows SET tokens = tokens + NEW.input_tokens + NEW.output_tokens
+        -- tpm counts billed tokens (reasoning is already inside output).
+        UPDATE rate_windows SET tokens = tokens + NEW.input_tokens + NEW.cache_read_tokens
+                + NEW.cache_write_tokens + NEW.cache_write_1h_tokens + NEW.output_tokens
             WHERE key_id = NEW.key_id AND minute = NEW.created_at / 60000;
     END IF;
     RETURN NULL;

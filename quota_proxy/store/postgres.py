@@ -26,15 +26,20 @@ import orjson
 from quota_proxy.keys import new_id
 from quota_proxy.store.models import (
     Account,
+    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
+    LedgerPage,
+    Outcome,
     Settlement,
     StoreError,
     StoreUnavailable,
     TooManyInFlight,
     UsageRow,
+    UsageSummary,
+    UsageTotal,
 )
 
 logger = logging.getLogger("quota_proxy.store")
@@ -53,6 +58,26 @@ _KEY_FROM = "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
 _LEDGER_COLUMNS = (
     "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
     "related_id, description, created_at"
+)
+# A ledger entry with its request's details, one join: charges carry what they were for.
+_LEDGER_SELECT = """
+SELECT l.id, l.public_id, l.account_id, l.amount, l.balance_after, l.kind, l.request_id,
+       l.idempotency_key, l.related_id, l.description, l.created_at,
+       r.request_id, k.public_id, k.prefix, usr.name, r.route, r.upstream_model,
+       r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens,
+       r.cache_write_1h_tokens, r.reasoning_tokens, r.multiplier, r.charged, r.estimated,
+       r.outcome, r.status, r.session_id
+FROM ledger l
+LEFT JOIN requests r ON r.request_id = l.request_id
+LEFT JOIN api_keys k ON k.id = r.key_id
+LEFT JOIN accounts usr ON usr.id = r.user_id AND usr.kind = 'user'
+"""
+_BUCKET_SUMS = ", ".join(
+    f"sum({c})::bigint"
+    for c in (
+        "requests", "input_tokens", "output_tokens", "charged", "cache_read_tokens",
+        "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens",
+    )
 )
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 _UNAVAILABLE = (
@@ -92,7 +117,18 @@ def _key(row: Any) -> KeyRecord:
 
 
 def _ledger(row: Any) -> LedgerEntry:
-    return LedgerEntry(*row)
+    """A row of _LEDGER_SELECT (or the bare _LEDGER_COLUMNS: no request details)."""
+    values = tuple(row)
+    request = values[11:]
+    charge = None
+    if request and request[0] is not None:
+        details = list(request)
+        details[15] = Outcome(details[15])
+        charge = ChargeDetails(*details)
+    (id_, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key,
+     related_id, description, created_at) = values[:11]
+    return LedgerEntry(id_, public_id, account_id, amount, balance_after, kind, request_id,
+                       idempotency_key, related_id, description, created_at, charge)
 
 
 class PostgresStore:
@@ -300,11 +336,35 @@ class PostgresStore:
         return _ledger(row)
 
     async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
+        """The newest entries, each with its request's details (see ledger_page)."""
+        return list((await self.ledger_page(account_id, limit)).entries)
+
+    async def ledger_page(
+        self, account_id: int, limit: int | None = 50, before: int | None = None
+    ) -> LedgerPage:
+        """Entries older than `before` (a ledger id), newest first, at most `limit` (None:
+        all), with the count of older entries left out and the cursor to page on."""
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
+        before_id = before if before is not None else 2**63 - 1
         rows = await self._all(
-            f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2",
-            account_id, limit,
+            f"{_LEDGER_SELECT} WHERE l.account_id = $1 AND l.id < $2 ORDER BY l.id DESC LIMIT $3",
+            account_id, before_id, limit,
         )
-        return [_ledger(r) for r in rows]
+        entries = tuple(_ledger(r) for r in rows)
+        more = 0
+        if entries and limit is not None and len(entries) == limit:
+            row = await self._one(
+                "SELECT count(*) FROM ledger WHERE account_id = $1 AND id < $2",
+                account_id, entries[-1].id,
+            )
+            more = int(row[0])
+        return LedgerPage(entries, more, entries[-1].id if more else None)
+
+    async def ledger_entry(self, public_id: str) -> LedgerEntry | None:
+        """One entry by its ledg_ id, with its request's details."""
+        row = await self._one(f"{_LEDGER_SELECT} WHERE l.public_id = $1", public_id)
+        return _ledger(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
         """Accounts whose balance differs from the sum of their ledger, or whose held amount
@@ -471,12 +531,15 @@ class PostgresStore:
         row = await self._one(
             "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
             "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
-            "estimated, outcome, status, ledger_id, created_at) "
+            "estimated, outcome, status, ledger_id, created_at, cache_read_tokens, "
+            "cache_write_tokens, cache_write_1h_tokens, reasoning_tokens, session_id) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
-            "quota_now_ms()) ON CONFLICT (request_id) DO NOTHING RETURNING ledger_id",
+            "quota_now_ms(), $17, $18, $19, $20, $21) "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING ledger_id",
             s.request_id, s.account_id, s.user_id, s.charged_account_id, s.key_id, s.hold_id,
             s.route, s.upstream_model, s.input_tokens, s.output_tokens, s.multiplier, s.charged,
-            s.estimated, str(s.outcome), s.status, ledger_id,
+            s.estimated, str(s.outcome), s.status, ledger_id, s.cache_read_tokens,
+            s.cache_write_tokens, s.cache_write_1h_tokens, s.reasoning_tokens, s.session_id,
         )
         if row is not None:
             return str(row[0]) if row[0] is not None else None
@@ -516,7 +579,9 @@ class PostgresStore:
         args: tuple[Any, ...] = (account_id, since) + ((user_id,) if user_id is not None else ())
         rows = await self._all(
             f"""
-            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged
+            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged,
+                   u.cache_read_tokens, u.cache_write_tokens, u.cache_write_1h_tokens,
+                   u.reasoning_tokens
             FROM usage_daily u LEFT JOIN accounts usr ON usr.id = u.user_id AND u.user_id <> 0
             WHERE u.account_id = $1 AND u.day >= $2 {user_filter}
             ORDER BY u.day, u.route, usr.name
@@ -527,44 +592,38 @@ class PostgresStore:
 
     async def usage_summary(
         self, account_id: int, days: int = 30, top_users: int = 100
-    ) -> dict[str, list[tuple[Any, ...]]]:
-        """Usage summed in SQL by route, by day, and for the top users by charge; rows are
-        (name, requests, input_tokens, output_tokens, charged)."""
+    ) -> UsageSummary:
+        """Usage summed in SQL by route, by day, and for the top users by charge (an
+        index-only scan of usage_daily_by_user)."""
         since = _since(days)
-        sums = (
-            "sum(requests)::bigint, sum(input_tokens)::bigint, "
-            "sum(output_tokens)::bigint, sum(charged)::bigint"
-        )
         where = "account_id = $1 AND day >= $2"
 
-        async def work(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+        async def work(conn: asyncpg.Connection) -> UsageSummary:
             by_route = await conn.fetch(
-                f"SELECT route, {sums} FROM usage_totals WHERE {where} GROUP BY route ORDER BY route",
+                f"SELECT route, {_BUCKET_SUMS} FROM usage_totals WHERE {where} "
+                "GROUP BY route ORDER BY route",
                 account_id, since,
             )
             by_day = await conn.fetch(
-                f"SELECT day, {sums} FROM usage_totals WHERE {where} GROUP BY day ORDER BY day",
+                f"SELECT day, {_BUCKET_SUMS} FROM usage_totals WHERE {where} GROUP BY day ORDER BY day",
                 account_id, since,
             )
             by_user = await conn.fetch(
                 f"""
-                SELECT usr.name, t.requests, t.input_tokens, t.output_tokens, t.charged FROM (
-                    SELECT user_id, sum(requests)::bigint AS requests,
-                           sum(input_tokens)::bigint AS input_tokens,
-                           sum(output_tokens)::bigint AS output_tokens,
-                           sum(charged)::bigint AS charged
-                    FROM usage_daily WHERE {where} AND user_id <> 0 GROUP BY user_id
+                SELECT usr.name, t.* FROM (
+                    SELECT user_id, {_BUCKET_SUMS} FROM usage_daily
+                    WHERE {where} AND user_id <> 0 GROUP BY user_id
                     ORDER BY sum(charged) DESC, user_id LIMIT $3
                 ) t JOIN accounts usr ON usr.id = t.user_id
-                ORDER BY t.charged DESC, t.user_id
+                ORDER BY 6 DESC, 2
                 """,
                 account_id, since, top_users,
             )
-            return {
-                "by_route": [tuple(r) for r in by_route],
-                "by_day": [tuple(r) for r in by_day],
-                "by_user": [tuple(r) for r in by_user],
-            }
+            return UsageSummary(
+                by_route=tuple(UsageTotal(*row) for row in by_route),
+                by_day=tuple(UsageTotal(*row) for row in by_day),
+                by_user=tuple(UsageTotal(row[0], *tuple(row)[2:]) for row in by_user),
+            )
 
         return await self._run(work)
 

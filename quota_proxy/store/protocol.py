@@ -12,7 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
-from quota_proxy.store.models import Account, KeyRecord, LedgerEntry, Settlement, UsageRow
+from quota_proxy.store.models import (
+    Account,
+    KeyRecord,
+    LedgerEntry,
+    LedgerPage,
+    Settlement,
+    UsageRow,
+    UsageSummary,
+)
 
 
 @runtime_checkable
@@ -66,7 +74,15 @@ class Store(Protocol):
         """One ledger entry and the balance change it records, atomically."""
 
     async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
-        """Newest first."""
+        """The newest entries, each with its request's details."""
+
+    async def ledger_page(
+        self, account_id: int, limit: int | None = 50, before: int | None = None
+    ) -> LedgerPage:
+        """Entries older than `before` (a ledger id), newest first, at most `limit` (None:
+        all), with the count of older entries and the cursor for the next page."""
+
+    async def ledger_entry(self, public_id: str) -> LedgerEntry | None: ...
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
         """Accounts where balance != Σ ledger or held != Σ open holds; empty when the books reconcile."""
@@ -134,9 +150,7 @@ class Store(Protocol):
 
     async def usage(self, account_id: int, days: int = 30, user_id: int | None = None) -> list[UsageRow]: ...
 
-    async def usage_summary(
-        self, account_id: int, days: int = 30, top_users: int = 100
-    ) -> dict[str, list[tuple[Any, ...]]]: ...
+    async def usage_summary(self, account_id: int, days: int = 30, top_users: int = 100) -> UsageSummary: ...
 
     # -- funding ------------------------------------------------------------------------
 

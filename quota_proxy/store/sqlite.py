@@ -1,8 +1,11 @@
 """The SQLite store: one file, WAL mode, the money invariants enforced by the schema.
 
 Two connections: `_db` runs single statements (every hot-path write is one statement,
-atomic by itself), `_tx` runs the few multi-statement transactions (grants, migrations)
-under an asyncio lock, so no statement from another request can slip into them.
+atomic by itself) with `synchronous = NORMAL`: a power cut may roll back its last commits,
+which are charges, holds and their releases (a lost charge favours the user). `_tx` runs
+`_durable_tx()` transactions under an asyncio lock with `synchronous = FULL`, so each is on
+disk before it returns: money that came in (credits, purchases, grants), accounts and keys.
+See docs/reliability.md for what a power cut can cost.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,17 +26,22 @@ import orjson
 from quota_proxy.keys import new_id
 from quota_proxy.store.models import (
     Account,
+    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
+    LedgerPage,
+    Outcome,
     Settlement,
     StoreError,
     TooManyInFlight,
     UsageRow,
+    UsageSummary,
+    UsageTotal,
 )
 
-MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql")
+MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql")
 BUSY_TIMEOUT_MS = 30_000
 
 _ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
@@ -44,6 +53,24 @@ _LEDGER_COLUMNS = (
     "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
     "related_id, description, created_at"
 )
+# A ledger entry with its request's details, one join: charges carry what they were for.
+_LEDGER_SELECT = """
+SELECT l.id, l.public_id, l.account_id, l.amount, l.balance_after, l.kind, l.request_id,
+       l.idempotency_key, l.related_id, l.description, l.created_at,
+       r.request_id, k.public_id, k.prefix, usr.name, r.route, r.upstream_model,
+       r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens,
+       r.cache_write_1h_tokens, r.reasoning_tokens, r.multiplier, r.charged, r.estimated,
+       r.outcome, r.status, r.session_id
+FROM ledger l
+LEFT JOIN requests r ON r.request_id = l.request_id
+LEFT JOIN api_keys k ON k.id = r.key_id
+LEFT JOIN accounts usr ON usr.id = r.user_id AND usr.kind = 'user'
+"""
+_BUCKET_SUMS = (
+    "sum(requests), sum(input_tokens), sum(output_tokens), sum(charged), sum(cache_read_tokens), "
+    "sum(cache_write_tokens), sum(cache_write_1h_tokens), sum(reasoning_tokens)"
+)
+_NO_LIMIT = -1  # SQLite's LIMIT -1: every row
 
 
 def now_ms() -> int:
@@ -59,7 +86,7 @@ def _connect_sync(path: Path) -> sqlite3.Connection:
 def _configure(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA synchronous = FULL")  # a migration is on disk when it commits
     conn.execute("PRAGMA foreign_keys = ON")
 
 
@@ -115,7 +142,18 @@ def _key(row: Any) -> KeyRecord:
 
 
 def _ledger(row: Any) -> LedgerEntry:
-    return LedgerEntry(*row)
+    """A row of _LEDGER_SELECT (or the bare _LEDGER_COLUMNS: no request details)."""
+    request = row[11:]
+    charge = None
+    if request and request[0] is not None:
+        values = list(request)
+        values[14] = bool(values[14])  # estimated
+        values[15] = Outcome(values[15])
+        charge = ChargeDetails(*values)
+    (id_, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key,
+     related_id, description, created_at) = row[:11]
+    return LedgerEntry(id_, public_id, account_id, amount, balance_after, kind, request_id,
+                       idempotency_key, related_id, description, created_at, charge)
 
 
 class SqliteStore:
@@ -131,9 +169,9 @@ class SqliteStore:
         await anyio.to_thread.run_sync(migrate, self.path)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         self._tx = await aiosqlite.connect(self.path, isolation_level=None)
-        for conn in (self._db, self._tx):
+        for conn, synchronous in ((self._db, "NORMAL"), (self._tx, "FULL")):
             await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute(f"PRAGMA synchronous = {synchronous}")
             await conn.execute("PRAGMA foreign_keys = ON")
 
     @property
@@ -158,6 +196,28 @@ class SqliteStore:
         if self._db is None:
             raise StoreError("the store is not open")
         return self._db
+
+    @asynccontextmanager
+    async def _durable_tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction that is on disk when it commits (`synchronous = FULL`).
+
+        For every write a power cut must not undo once the caller has been answered: money
+        that came in (credits, purchases, grants, redemptions), accounts, keys, and the
+        settings that decide who pays. Runs under a lock on its own connection, so nothing
+        else slips into it; charges and holds stay on the cheap NORMAL connection.
+        """
+        tx = self._tx
+        if tx is None:
+            raise StoreError("the store is not open")
+        async with self._tx_lock:
+            await tx.execute("BEGIN IMMEDIATE")
+            try:
+                yield tx
+            except BaseException:
+                if tx.in_transaction:
+                    await tx.execute("ROLLBACK")
+                raise
+            await tx.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         rows = await self.db.execute_fetchall(sql, tuple(params))
@@ -189,14 +249,15 @@ class SqliteStore:
 
     async def create_account(self, name: str) -> Account:
         try:
-            row = await self._one(
-                f"INSERT INTO accounts (public_id, kind, name, created_at) "
-                f"VALUES (?, 'developer', ?, ?) RETURNING {_ACCOUNT_COLUMNS}",
-                (new_id("acct"), name, now_ms()),
-            )
+            async with self._durable_tx() as tx:
+                rows = await tx.execute_fetchall(
+                    f"INSERT INTO accounts (public_id, kind, name, created_at) "
+                    f"VALUES (?, 'developer', ?, ?) RETURNING {_ACCOUNT_COLUMNS}",
+                    (new_id("acct"), name, now_ms()),
+                )
         except sqlite3.IntegrityError:
             raise ValueError(f"an account named {name!r} already exists") from None
-        return _account(row)
+        return _account(next(iter(rows)))
 
     async def account_by_name(self, name: str) -> Account | None:
         row = await self._one(
@@ -232,32 +293,63 @@ class SqliteStore:
         return [_account(r) for r in rows]
 
     async def set_billing_mode(self, user_id: int, mode: str) -> None:
-        await self.db.execute(
-            "UPDATE accounts SET billing_mode = ? WHERE id = ? AND kind = 'user'", (mode, user_id)
-        )
+        async with self._durable_tx() as tx:
+            await tx.execute(
+                "UPDATE accounts SET billing_mode = ? WHERE id = ? AND kind = 'user'", (mode, user_id)
+            )
 
     # -- ledger -------------------------------------------------------------------
 
     async def credit(
         self, account_id: int, amount: int, kind: str, description: str = ""
     ) -> LedgerEntry:
-        """A purchase, credit, refund or adjustment: one ledger row, one statement."""
-        row = await self._one(
-            f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
-            f"description, created_at) SELECT ?, id, ?, balance + ?, ?, ?, ? FROM accounts "
-            f"WHERE id = ? RETURNING {_LEDGER_COLUMNS}",
-            (new_id("ledg"), amount, amount, kind, description, now_ms(), account_id),
-        )
-        if row is None:
-            raise ValueError("no such account")
+        """A purchase, credit, refund or adjustment: one ledger row, on disk at return."""
+        async with self._durable_tx() as tx:
+            rows = await tx.execute_fetchall(
+                f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
+                f"description, created_at) SELECT ?, id, ?, balance + ?, ?, ?, ? FROM accounts "
+                f"WHERE id = ? RETURNING {_LEDGER_COLUMNS}",
+                (new_id("ledg"), amount, amount, kind, description, now_ms(), account_id),
+            )
+            row = next(iter(rows), None)
+            if row is None:
+                raise ValueError("no such account")
         return _ledger(row)
 
     async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
+        """The newest entries, each with its request's details (see ledger_page)."""
+        return list((await self.ledger_page(account_id, limit)).entries)
+
+    async def ledger_page(
+        self, account_id: int, limit: int | None = 50, before: int | None = None
+    ) -> LedgerPage:
+        """Entries older than `before` (a ledger id), newest first, at most `limit` (None:
+        all), with the count of older entries left out and the cursor to page on.
+
+        Two statements without a transaction is still exact: the ledger only grows by
+        appending newer ids, so the count of ids below this page cannot change.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
+        before_id = before if before is not None else 2**63 - 1
         rows = await self._all(
-            f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE account_id = ? ORDER BY id DESC LIMIT ?",
-            (account_id, limit),
+            f"{_LEDGER_SELECT} WHERE l.account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+            (account_id, before_id, _NO_LIMIT if limit is None else limit),
         )
-        return [_ledger(r) for r in rows]
+        entries = tuple(_ledger(r) for r in rows)
+        more = 0
+        if entries and limit is not None and len(entries) == limit:
+            row = await self._one(
+                "SELECT count(*) FROM ledger WHERE account_id = ? AND id < ?",
+                (account_id, entries[-1].id),
+            )
+            more = int(row[0])
+        return LedgerPage(entries, more, entries[-1].id if more else None)
+
+    async def ledger_entry(self, public_id: str) -> LedgerEntry | None:
+        """One entry by its ledg_ id, with its request's details."""
+        row = await self._one(f"{_LEDGER_SELECT} WHERE l.public_id = ?", (public_id,))
+        return _ledger(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
         """Accounts whose balance differs from the sum of their ledger, or whose held
@@ -302,11 +394,12 @@ class SqliteStore:
         tpm: int | None = None,
         max_concurrent: int | None = None,
     ) -> KeyRecord:
-        row = await self._one(
-            "INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, routes, "
-            "allow_community, expires_at, created_at, rpm, tpm, max_concurrent) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (
+        async with self._durable_tx() as tx:
+            inserted = await tx.execute_fetchall(
+                "INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, routes, "
+                "allow_community, expires_at, created_at, rpm, tpm, max_concurrent) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
                 new_id("key"),
                 account_id,
                 kind,
@@ -320,14 +413,14 @@ class SqliteStore:
                 rpm,
                 tpm,
                 max_concurrent,
-            ),
-        )
-        rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
-            "WHERE k.id = ?",
-            (row[0],),
-        )
-        return _key(rows[0])
+                ),
+            )
+            rows = await tx.execute_fetchall(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+                "WHERE k.id = ?",
+                (next(iter(inserted))[0],),
+            )
+        return _key(next(iter(rows)))
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
         row = await self._one(
@@ -348,22 +441,23 @@ class SqliteStore:
 
     async def revoke_key(self, id_or_prefix: str) -> list[KeyRecord]:
         """Revoke by public id or display prefix; refuses an ambiguous prefix."""
-        rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
-            "WHERE k.public_id = ? OR k.prefix = ?",
-            (id_or_prefix, id_or_prefix),
-        )
-        keys = [_key(r) for r in rows]
-        if len(keys) > 1:
-            raise ValueError(
-                f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "
-                + ", ".join(k.public_id for k in keys)
+        async with self._durable_tx() as tx:
+            rows = await tx.execute_fetchall(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+                "WHERE k.public_id = ? OR k.prefix = ?",
+                (id_or_prefix, id_or_prefix),
             )
-        if keys:
-            await self.db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                (now_ms(), keys[0].id),
-            )
+            keys = [_key(r) for r in rows]
+            if len(keys) > 1:
+                raise ValueError(
+                    f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "
+                    + ", ".join(k.public_id for k in keys)
+                )
+            if keys:
+                await tx.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (now_ms(), keys[0].id),
+                )
         return keys
 
     # -- holds and settlement -----------------------------------------------------
@@ -417,13 +511,19 @@ class SqliteStore:
         return int(row[0]) if row else 0
 
     async def settle(self, s: Settlement) -> str | None:
-        """Charge, release the hold, record usage: one statement. Returns the ledger id."""
+        """Charge, release the hold, record usage: one statement. Returns the ledger id.
+
+        On the NORMAL connection: a power cut may lose the last few settlements (the
+        charge is then not taken, the hold is gone with it); docs/reliability.md.
+        """
         ledger_id = new_id("ledg") if s.charged > 0 else None
-        await self.db.execute(
+        cursor = await self.db.execute(
             "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
             "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
-            "estimated, outcome, status, ledger_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "estimated, outcome, status, ledger_id, created_at, cache_read_tokens, "
+            "cache_write_tokens, cache_write_1h_tokens, reasoning_tokens, session_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING",
             (
                 s.request_id,
                 s.account_id,
@@ -438,12 +538,21 @@ class SqliteStore:
                 s.multiplier,
                 s.charged,
                 int(s.estimated),
-                s.outcome,
+                str(s.outcome),
                 s.status,
                 ledger_id,
                 now_ms(),
+                s.cache_read_tokens,
+                s.cache_write_tokens,
+                s.cache_write_1h_tokens,
+                s.reasoning_tokens,
+                s.session_id,
             ),
         )
+        if cursor.rowcount == 0:
+            # Settled before: the key is the request id, so nothing is charged twice.
+            row = await self._one("SELECT ledger_id FROM requests WHERE request_id = ?", (s.request_id,))
+            return str(row[0]) if row and row[0] is not None else None
         return ledger_id
 
     async def release_hold(self, hold_id: int) -> None:
@@ -471,7 +580,9 @@ class SqliteStore:
         params: tuple[Any, ...] = (account_id, since) + ((user_id,) if user_id is not None else ())
         rows = await self._all(
             f"""
-            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged
+            SELECT u.day, u.route, usr.name, u.requests, u.input_tokens, u.output_tokens, u.charged,
+                   u.cache_read_tokens, u.cache_write_tokens, u.cache_write_1h_tokens,
+                   u.reasoning_tokens
             FROM usage_daily u LEFT JOIN accounts usr ON usr.id = u.user_id AND u.user_id != 0
             WHERE u.account_id = ? AND u.day >= ? {user_filter}
             ORDER BY u.day, u.route, usr.name
@@ -482,38 +593,38 @@ class SqliteStore:
 
     async def usage_summary(
         self, account_id: int, days: int = 30, top_users: int = 100
-    ) -> dict[str, list[tuple[Any, ...]]]:
+    ) -> UsageSummary:
         """Usage summed in SQL by route, by day, and for the top users by charge.
 
-        Rows are (name, requests, input_tokens, output_tokens, charged); aggregation stays in
-        SQLite so an account with many app users costs one index range scan, not a row each.
+        Aggregation stays in SQLite so an account with many app users costs one index range
+        scan (usage_daily_by_user is covering), not a row each.
         """
         since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86400))
-        sums = "sum(requests), sum(input_tokens), sum(output_tokens), sum(charged)"
         where = "account_id = ? AND day >= ?"
         by_route = await self._all(
-            f"SELECT route, {sums} FROM usage_totals WHERE {where} GROUP BY route ORDER BY route",
+            f"SELECT route, {_BUCKET_SUMS} FROM usage_totals WHERE {where} "
+            "GROUP BY route ORDER BY route",
             (account_id, since),
         )
         by_day = await self._all(
-            f"SELECT day, {sums} FROM usage_totals WHERE {where} GROUP BY day ORDER BY day",
+            f"SELECT day, {_BUCKET_SUMS} FROM usage_totals WHERE {where} GROUP BY day ORDER BY day",
             (account_id, since),
         )
         by_user = await self._all(
             f"""
             SELECT usr.name, t.* FROM (
-                SELECT user_id, {sums} FROM usage_daily INDEXED BY usage_daily_by_user
+                SELECT user_id, {_BUCKET_SUMS} FROM usage_daily INDEXED BY usage_daily_by_user
                 WHERE {where} AND user_id != 0 GROUP BY user_id
                 ORDER BY sum(charged) DESC, user_id LIMIT ?
             ) t JOIN accounts usr ON usr.id = t.user_id
             """,
             (account_id, since, top_users),
         )
-        return {
-            "by_route": by_route,
-            "by_day": by_day,
-            "by_user": [(row[0], *row[2:]) for row in by_user],
-        }
+        return UsageSummary(
+            by_route=tuple(UsageTotal(*row) for row in by_route),
+            by_day=tuple(UsageTotal(*row) for row in by_day),
+            by_user=tuple(UsageTotal(row[0], *row[2:]) for row in by_user),
+        )
 
     # -- funding ------------------------------------------------------------------
 
@@ -531,20 +642,11 @@ class SqliteStore:
         Returns the grant's facts and whether they are a replay of an earlier grant
         with the same idempotency key. Raises IdempotencyMismatch or InsufficientFunds.
         """
-        assert self._tx is not None
-        tx = self._tx
-        async with self._tx_lock:
-            await tx.execute("BEGIN IMMEDIATE")
-            try:
-                result = await self._grant_in_tx(
-                    tx, developer_id, external_user_id, amount, description,
-                    idempotency_key, request_hash,
-                )
-            except BaseException:
-                await tx.execute("ROLLBACK")
-                raise
-            await tx.execute("COMMIT")
-            return result
+        async with self._durable_tx() as tx:
+            return await self._grant_in_tx(
+                tx, developer_id, external_user_id, amount, description,
+                idempotency_key, request_hash,
+            )
 
     async def _grant_in_tx(
         self,
