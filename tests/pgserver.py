@@ -58,12 +58,15 @@ async def fresh_database(label: str = "t") -> AsyncIterator[str]:
             await admin.close()
 
 
-async def fresh_schema(database_url: str) -> str:
-    """A new schema in the database, and a URL whose connections use it (search_path)."""
-    name = f"s_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(database_url, timeout=5)
+def schema_url(database_url: str) -> str:
+    """A URL whose connections use a new schema of the database (create it with create_schema)."""
+    return f"{database_url}?search_path=s_{uuid.uuid4().hex[:10]}"
+
+
+async def create_schema(url: str) -> None:
+    name = url.rpartition("search_path=")[2]
+    conn = await asyncpg.connect(url.partition("?")[0], timeout=5)
     try:
-        await conn.execute(f'CREATE SCHEMA "{name}"')
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
     finally:
         await conn.close()
-    return f"{database_url}?search_path={name}"

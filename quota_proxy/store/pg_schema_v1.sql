@@ -255,7 +255,7 @@ CREATE TABLE rate_windows (
 
 CREATE FUNCTION requests_settle() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    day text := to_char(to_timestamp(NEW.created_at / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD');
+    utc_day text := to_char(to_timestamp(NEW.created_at / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD');
 BEGIN
     IF NEW.hold_id IS NOT NULL THEN
         DELETE FROM holds WHERE id = NEW.hold_id;
@@ -269,7 +269,7 @@ BEGIN
     INSERT INTO usage_daily AS u (account_id, user_id, route, day, requests, input_tokens,
                                   output_tokens, charged, cache_read_tokens, cache_write_tokens,
                                   cache_write_1h_tokens, reasoning_tokens)
-        VALUES (NEW.account_id, coalesce(NEW.user_id, 0), NEW.route, day, 1, NEW.input_tokens,
+        VALUES (NEW.account_id, coalesce(NEW.user_id, 0), NEW.route, utc_day, 1, NEW.input_tokens,
                 NEW.output_tokens, NEW.charged, NEW.cache_read_tokens, NEW.cache_write_tokens,
                 NEW.cache_write_1h_tokens, NEW.reasoning_tokens)
         ON CONFLICT (account_id, day, route, user_id) DO UPDATE SET
@@ -284,7 +284,7 @@ BEGIN
     INSERT INTO usage_totals AS t (account_id, day, route, requests, input_tokens, output_tokens,
                                    charged, cache_read_tokens, cache_write_tokens,
                                    cache_write_1h_tokens, reasoning_tokens)
-        VALUES (NEW.account_id, day, NEW.route, 1, NEW.input_tokens, NEW.output_tokens, NEW.charged,
+        VALUES (NEW.account_id, utc_day, NEW.route, 1, NEW.input_tokens, NEW.output_tokens, NEW.charged,
                 NEW.cache_read_tokens, NEW.cache_write_tokens, NEW.cache_write_1h_tokens,
                 NEW.reasoning_tokens)
         ON CONFLICT (account_id, day, route) DO UPDATE SET
