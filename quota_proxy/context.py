@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
-from quota_proxy.errors import QuotaError
+from quota_proxy.errors import QuotaError, StoreUnavailableError
+from quota_proxy.store import StoreUnavailable
 
 access_log = logging.getLogger("quota_proxy.access")
 error_log = logging.getLogger("quota_proxy.error")
@@ -66,6 +67,12 @@ class RequestContextMiddleware:
             status = status or CLIENT_CLOSED
         except ClientGone:
             status = status or CLIENT_CLOSED
+        except StoreUnavailable as exc:
+            # Fail closed: without the store nothing is authorised, held or forwarded.
+            error_log.warning("store unavailable in request %s: %s", request_id, exc)
+            if status == 0:
+                await StoreUnavailableError().send(scope, receive, send_with_id)
+            status = status or 503
         except Exception as exc:
             # The type and request id only: a traceback's text could quote a prompt.
             error_log.error("unhandled %s in request %s", type(exc).__name__, request_id)

@@ -229,24 +229,33 @@ class PostgresStore:
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = False) -> T:
         """Run work on a pooled connection (in a transaction if tx); retry it whole on
-        deadlock or serialization failure, at most TX_ATTEMPTS times; translate errors."""
+        deadlock or serialization failure, at most TX_ATTEMPTS times; translate errors.
+        A connection that failed is closed, so the pool replaces it with a fresh one."""
         for attempt in range(1, TX_ATTEMPTS + 1):
             try:
-                async with self.pool.acquire(timeout=self.connect_timeout_s) as conn:
-                    if not tx:
-                        return await work(conn)
-                    async with conn.transaction():
-                        return await work(conn)
+                conn = await self.pool.acquire(timeout=self.connect_timeout_s)
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                # No connection at all (refused, timed out, database closed to connections).
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                if not tx:
+                    return await work(conn)
+                async with conn.transaction():
+                    return await work(conn)
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate in _RETRY_SQLSTATES and attempt < TX_ATTEMPTS:
                     logger.info("store: %s, retrying (attempt %d)", exc.sqlstate, attempt)
                     await asyncio.sleep(random.uniform(0.001, 0.01) * 2**attempt)
                     continue
                 if isinstance(exc, _UNAVAILABLE):
+                    conn.terminate()
                     raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 raise
-            except _UNAVAILABLE as exc:
+            except (*_UNAVAILABLE, asyncpg.exceptions.InternalClientError) as exc:
+                conn.terminate()  # the pool replaces it with a fresh connection
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                await self.pool.release(conn)
         raise AssertionError("unreachable")
 
     async def _one(self, sql: str, *args: Any) -> Any:
