@@ -7,6 +7,8 @@ upstream, with a TOML file written to tmp_path (so CLI tests can use the same co
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import orjson
@@ -49,11 +52,12 @@ def config_toml(upstream_url: str, store_path: Path, **overrides: Any) -> str:
     server = overrides.get("server", {})
     funding = overrides.get("funding", {})
     extra_routes = overrides.get("routes", "")
+    store = overrides.get("store") or {"path": str(store_path)}
     lines = [
         "[server]",
         *(f"{k} = {_toml(v)}" for k, v in server.items()),
         "[store]",
-        f"path = {_toml(str(store_path))}",
+        *(f"{k} = {_toml(v)}" for k, v in store.items()),
         "[billing]",
         *(f"{k} = {_toml(v)}" for k, v in billing.items()),
         "[funding]",
@@ -175,6 +179,27 @@ class GatewayHarness:
         assert fresh is not None
         return fresh.balance
 
+    async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows read around the store, as an operator's database shell would (`?` placeholders)."""
+        return [tuple(r.values()) for r in await self.dict_rows(sql, params)]
+
+    async def dict_rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        store = self.settings.store
+        if store.url is None:
+            con = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+            try:
+                con.row_factory = sqlite3.Row
+                return [dict(r) for r in con.execute(sql, params).fetchall()]
+            finally:
+                con.close()
+        numbered = iter(range(1, len(params) + 1))
+        conn = await asyncpg.connect(store.url)
+        try:
+            found = await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *params)
+        finally:
+            await conn.close()
+        return [dict(r) for r in found]
+
     async def verify(self) -> None:
         assert await self.store.verify_ledger() == []
 
@@ -215,6 +240,12 @@ async def make_gateway(tmp_path: Path, upstream: RunningUpstream) -> AsyncIterat
             count += 1
             config_path = tmp_path / f"quota-proxy-{count}.toml"
             store_path = tmp_path / f"quota-{count}.db"
+            if "store" not in overrides and os.environ.get("QUOTA_TEST_STORE") == "postgres":
+                # The whole gateway suite on PostgreSQL: QUOTA_TEST_STORE=postgres pytest …
+                from tests.pgserver import fresh_database
+
+                url = await stack.enter_async_context(fresh_database("gw"))
+                overrides["store"] = {"url": url, "pool_size": 4}
             config_path.write_text(config_toml(upstream.base_url, store_path, **overrides))
             settings = load_settings(config_path)
             app = create_app(settings)

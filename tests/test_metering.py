@@ -4,7 +4,6 @@ overdraft cap, holds, and many concurrent requests on a small balance (SPEC §1,
 from __future__ import annotations
 
 import math
-import sqlite3
 from typing import Any
 
 import anyio
@@ -30,13 +29,8 @@ def chat(model: str = "quota/fast", content: str = "one two", **extra: Any) -> d
     return {"model": model, "messages": messages(content), **extra}
 
 
-def db_rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    con = sqlite3.connect(f"file:{gateway.settings.store.path}?mode=ro", uri=True)
-    try:
-        con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute(sql, params).fetchall()]
-    finally:
-        con.close()
+async def db_rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return await gateway.dict_rows(sql, params)
 
 
 def assert_402(response: httpx.Response) -> dict[str, Any]:
@@ -214,7 +208,7 @@ async def test_upstream_5xx_charges_nothing(gateway: GatewayHarness) -> None:
             headers={"authorization": f"Bearer {key}"},
         )
         assert response.status_code == 502, (fail, stream, response.text)
-        rows = db_rows(
+        rows = await db_rows(
             gateway, "SELECT * FROM requests WHERE request_id = ?", (response.headers["x-quota-request-id"],)
         )
         assert [r["charged"] for r in rows] in ([], [0])
@@ -364,13 +358,13 @@ async def test_concurrent_requests_never_overspend(gateway: GatewayHarness) -> N
     assert fresh is not None
     drop = funds - fresh.balance
 
-    charges = db_rows(
+    charges = await db_rows(
         gateway,
         "SELECT amount, request_id FROM ledger WHERE account_id = ? AND kind = 'charge'",
         (account.id,),
     )
     assert -sum(c["amount"] for c in charges) == drop
-    requests = db_rows(
+    requests = await db_rows(
         gateway, "SELECT request_id, charged FROM requests WHERE account_id = ?", (account.id,)
     )
     by_id: dict[str, list[int]] = {}

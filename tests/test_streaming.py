@@ -3,7 +3,6 @@ chunk, metering of streams, disconnects and broken upstream streams (SPEC ยง3, ย
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -35,21 +34,16 @@ def chat(model: str = "quota/fast", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES, "stream": True, **extra}
 
 
-def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any] | None:
-    """The settled request, read from the store's SQLite file, read-only."""
-    con = sqlite3.connect(f"file:{gateway.settings.store.path}?mode=ro", uri=True)
-    try:
-        con.row_factory = sqlite3.Row
-        row = con.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-        return dict(row) if row is not None else None
-    finally:
-        con.close()
+async def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any] | None:
+    """The settled request, read around the store."""
+    rows = await gateway.dict_rows("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+    return rows[0] if rows else None
 
 
 async def settled_row(gateway: GatewayHarness, request_id: str, within_s: float = 3.0) -> dict[str, Any]:
     deadline = time.monotonic() + within_s
     while True:
-        row = request_row(gateway, request_id)
+        row = await request_row(gateway, request_id)
         if row is not None:
             return row
         assert time.monotonic() < deadline, f"request {request_id} was not settled within {within_s}s"
@@ -135,7 +129,7 @@ async def test_usage_chunk_is_hidden_when_the_caller_did_not_ask(gateway: Gatewa
     # Hidden, yet metered from the upstream's usage: exact, not estimated.
     charged = FUNDS - await gateway.balance("acme")
     assert charged == 2 * (PROMPT_TOKENS + 8)
-    row = request_row(gateway, response.headers["x-quota-request-id"])
+    row = await request_row(gateway, response.headers["x-quota-request-id"])
     assert row is not None
     assert row["charged"] == PROMPT_TOKENS + 8
     assert row["estimated"] == 0
@@ -501,8 +495,6 @@ async def test_chunks_with_a_countless_usage_object_are_kept_and_estimated(
         assert text == "".join(CountlessUsageUpstream.WORDS)
         spent = FUNDS - await gateway.balance("acme")
         assert spent > 0
-        rows = sqlite3.connect(gateway.settings.store.path).execute(
-            "SELECT estimated, charged FROM requests WHERE route = 'mini/x'"
-        ).fetchall()
+        rows = await gateway.rows("SELECT estimated, charged FROM requests WHERE route = 'mini/x'")
         assert rows == [(1, spent)]
         await gateway.verify()

@@ -63,7 +63,7 @@ async def set_mode(http: httpx.AsyncClient, key: str, user: str, mode: str) -> N
 async def charge_rows(h: GatewayHarness) -> list[tuple[Any, ...]]:
     """(account kind, account name, amount, request_id) of every charge in the ledger."""
     return list(
-        await h.store.db.execute_fetchall(
+        await h.rows(
             "SELECT a.kind, a.name, l.amount, l.request_id FROM ledger l "
             "JOIN accounts a ON a.id = l.account_id WHERE l.kind = 'charge' ORDER BY l.id"
         )
