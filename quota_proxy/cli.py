@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -16,8 +18,16 @@ from typing import Any
 import orjson
 
 from quota_proxy import admin
-from quota_proxy.config import ConfigError, Limits, Settings, default_config_path, load_settings
+from quota_proxy.config import (
+    ConfigError,
+    Limits,
+    Settings,
+    StoreSettings,
+    default_config_path,
+    load_settings,
+)
 from quota_proxy.store import Store, StoreError, open_store
+from quota_proxy.store.copy import copy_store
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -98,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("backup", "copy the store to a new file while the gateway serves (SQLite online backup)")
     p.add_argument("path", type=Path)
+
+    store = cmd("store", "the store itself").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("copy", "copy the whole store into a new, empty one (SQLite <-> PostgreSQL) and verify it", store)
+    p.add_argument("--to", required=True, metavar="URL_OR_PATH",
+                   help="postgresql://user@host:5432/db, or a SQLite file path")
+    p.add_argument("--password-env", metavar="NAME", help="environment variable with the target's password")
 
     p = cmd("grant", "grant an app user balance from an account's grant pool")
     p.add_argument("--account", required=True)
@@ -319,6 +335,24 @@ async def _backup(args: argparse.Namespace, s: Settings, store: Store) -> tuple[
     size = await store.backup(args.path)
     data = {"backup": str(args.path), "bytes": size, "store": str(s.store.path)}
     return data, lambda d: f"backed up {d['store']} to {d['backup']} ({d['bytes']} bytes)\n"
+
+
+@_handles("store", "copy")
+async def _store_copy(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
+    if args.to.startswith(("postgresql://", "postgres://")):
+        password = os.environ.get(args.password_env) if args.password_env else None
+        target_settings = StoreSettings(url=args.to, password=password)
+    else:
+        target_settings = StoreSettings(path=Path(args.to))
+    async with open_store(target_settings) as target:
+        report = await copy_store(store, target)
+        data = {"from": store.description, "to": target.description, "verified": True,
+                **dataclasses.asdict(report)}
+    return data, lambda d: (
+        f"copied {d['accounts']} accounts, {d['keys']} keys, {d['ledger_entries']} ledger entries, "
+        f"{d['requests']} requests, {d['holds']} holds, {d['idempotency_keys']} idempotency keys "
+        f"from {d['from']} to {d['to']}; verified: same balances, ledger ok\n"
+    )
 
 
 @_handles("grant")

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,8 @@ from quota_proxy.store.models import (
 logger = logging.getLogger("quota_proxy.store")
 
 MIGRATIONS = ("pg_schema_v1.sql",)
+COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
+_BOOLEANS = frozenset({"estimated", "allow_community"})
 MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time across gateways
 TX_ATTEMPTS = 5  # a deadlock or serialization failure is retried this many times, then raised
 SETTLE_ATTEMPTS = 4  # a settlement survives this many lost connections before it is queued
@@ -274,6 +276,42 @@ class PostgresStore:
         raise StoreError(
             "backup copies a SQLite file; back up PostgreSQL with pg_dump (see docs/postgres.md)"
         )
+
+    async def dump(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one of the copied tables, oldest first (store copy)."""
+        if table not in COPY_TABLES:
+            raise ValueError(f"not a copied table: {table}")
+        order = "account_id, key" if table == "idempotency" else "id"
+        rows = await self._all(f"SELECT * FROM {table} ORDER BY {order}")
+        return [dict(r) for r in rows]
+
+    async def load(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Insert rows in this order, in one transaction, through the schema's triggers;
+        then move the id sequences past the ids copied in."""
+
+        async def work(conn: asyncpg.Connection) -> None:
+            run: list[tuple[Any, ...]] = []
+            sql = ""
+            for table, row in steps:
+                if table not in COPY_TABLES:
+                    raise ValueError(f"not a copied table: {table}")
+                columns = ", ".join(row)
+                marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+                statement = f"INSERT INTO {table} ({columns}) VALUES ({marks})"
+                if statement != sql and run:
+                    await conn.executemany(sql, run)
+                    run = []
+                sql = statement
+                run.append(tuple(bool(v) if k in _BOOLEANS and v is not None else v for k, v in row.items()))
+            if run:
+                await conn.executemany(sql, run)
+            for table in ("accounts", "api_keys", "holds", "ledger", "requests"):
+                await conn.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+                )
+
+        await self._run(work, tx=True)
 
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")

@@ -9,6 +9,7 @@ errors into it at its own boundary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -48,6 +49,14 @@ class Store(Protocol):
     @property
     def description(self) -> str:
         """Where the store lives, for messages (a path, or a URL without its password)."""
+
+    async def dump(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a copied table (accounts, api_keys, ledger, requests, holds,
+        idempotency), oldest first: what `store copy` reads."""
+
+    async def load(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Insert (table, row) pairs in order, in one transaction, through the schema's
+        triggers: what `store copy` writes."""
 
     # -- accounts -----------------------------------------------------------------------
 

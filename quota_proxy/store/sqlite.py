@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -43,6 +43,7 @@ from quota_proxy.store.models import (
 
 MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql")
 BUSY_TIMEOUT_MS = 30_000
+COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 
 _ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
 _KEY_COLUMNS = (
@@ -240,6 +241,24 @@ class SqliteStore:
         finally:
             await dest.close()
         return target.stat().st_size
+
+    async def dump(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one of the copied tables, oldest first (store copy)."""
+        if table not in COPY_TABLES:
+            raise ValueError(f"not a copied table: {table}")
+        cursor = await self.db.execute(f"SELECT * FROM {table} ORDER BY rowid")
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def load(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Insert rows in this order, in one transaction, through the schema's triggers."""
+        async with self._durable_tx() as tx:
+            for table, row in steps:
+                if table not in COPY_TABLES:
+                    raise ValueError(f"not a copied table: {table}")
+                columns = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                await tx.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
 
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")
