@@ -181,24 +181,26 @@ class GatewayHarness:
 
     async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows read around the store, as an operator's database shell would (`?` placeholders)."""
-        return [tuple(r.values()) for r in await self.dict_rows(sql, params)]
+        return [tuple(r) for r in await self._fetch(sql, params)]
 
     async def dict_rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._fetch(sql, params)]
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         store = self.settings.store
         if store.url is None:
             con = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
             try:
                 con.row_factory = sqlite3.Row
-                return [dict(r) for r in con.execute(sql, params).fetchall()]
+                return list(con.execute(sql, params).fetchall())
             finally:
                 con.close()
         numbered = iter(range(1, len(params) + 1))
         conn = await asyncpg.connect(store.url)
         try:
-            found = await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *params)
+            return list(await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *params))
         finally:
             await conn.close()
-        return [dict(r) for r in found]
 
     async def verify(self) -> None:
         assert await self.store.verify_ledger() == []

@@ -245,7 +245,10 @@ class PostgresStore:
                 async with conn.transaction():
                     return await work(conn)
             except asyncpg.PostgresError as exc:
-                if exc.sqlstate in _RETRY_SQLSTATES and attempt < TX_ATTEMPTS:
+                if exc.sqlstate in _RETRY_SQLSTATES:
+                    if attempt == TX_ATTEMPTS:
+                        # Bounded: the caller is told (503, retry later), nothing is dropped.
+                        raise StoreUnavailable(f"{exc.sqlstate} {TX_ATTEMPTS} times: {exc}") from exc
                     logger.info("store: %s, retrying (attempt %d)", exc.sqlstate, attempt)
                     await asyncio.sleep(random.uniform(0.001, 0.01) * 2**attempt)
                     continue
@@ -687,13 +690,19 @@ class PostgresStore:
     ) -> tuple[dict[str, Any], bool]:
         """Move amount from the developer's pool to the user, in one transaction.
 
-        The idempotency row is claimed first: a concurrent grant with the same key (on any
-        gateway) waits on its unique index and then replays this grant's committed answer;
-        if this grant rolls back, the waiting one proceeds as the first.
+        The developer's row is locked first (FOR NO KEY UPDATE: foreign keys that point at
+        it still pass, so holds and settlements are not blocked by the lock's kind, only by
+        the balance update itself); a concurrent grant with the same idempotency key, on any
+        gateway, waits there and then finds this grant's committed answer to replay. Taking
+        the row lock after the idempotency insert would deadlock: that insert's foreign key
+        takes a KEY SHARE lock on the same row.
         """
 
         async def work(conn: asyncpg.Connection) -> tuple[dict[str, Any], bool]:
             now = now_ms()
+            available = await conn.fetchval(
+                "SELECT balance - held FROM accounts WHERE id = $1 FOR NO KEY UPDATE", developer_id
+            )
             if idempotency_key is not None:
                 claimed = await conn.fetchval(
                     "INSERT INTO idempotency (account_id, key, request_hash, response, created_at) "
@@ -708,9 +717,6 @@ class PostgresStore:
                     if earlier["request_hash"] != request_hash:
                         raise IdempotencyMismatch()
                     return orjson.loads(earlier["response"]), True
-            available = await conn.fetchval(
-                "SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE", developer_id
-            )
             if available is None or available < amount:
                 raise InsufficientFunds(int(available or 0))
             await conn.execute(
@@ -720,7 +726,7 @@ class PostgresStore:
             )
             user = await conn.fetchrow(
                 "SELECT id, balance, billing_mode FROM accounts "
-                "WHERE kind = 'user' AND parent_id = $1 AND name = $2 FOR UPDATE",
+                "WHERE kind = 'user' AND parent_id = $1 AND name = $2 FOR NO KEY UPDATE",
                 developer_id, external_user_id,
             )
             dev_ledger, user_ledger = new_id("ledg"), new_id("ledg")
