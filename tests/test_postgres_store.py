@@ -215,3 +215,11 @@ async def _kill_connections(url: str) -> None:
         )
     finally:
         await conn.close()
+
+
+async def test_a_hold_retried_for_the_same_request_is_the_same_hold(store: PostgresStore) -> None:
+    account = await funded(store, 1000)
+    first = await store.take_hold(account, 300, "req_1", "me", TTL_MS)
+    assert await store.take_hold(account, 300, "req_1", "me", TTL_MS) == first
+    assert await store.available(account) == 700
+    assert await store.verify_ledger() == []

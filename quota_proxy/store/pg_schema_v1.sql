@@ -134,6 +134,8 @@ CREATE TABLE holds (
 CREATE INDEX holds_expiry ON holds (expires_at);
 CREATE INDEX holds_owner ON holds (owner);
 CREATE INDEX holds_key ON holds (key_id);
+-- One hold per request: a hold retried after a lost connection finds the first one.
+CREATE UNIQUE INDEX holds_request ON holds (request_id);
 
 -- SQLSTATE QP001 = insufficient balance (DETAIL: the available amount), QP002 = too many in flight.
 CREATE FUNCTION holds_reserve() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -229,10 +229,18 @@ class PostgresStore:
             raise StoreError("the store is not open")
         return self._pool
 
-    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = False) -> T:
+    async def _run(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = False, again: bool = True
+    ) -> T:
         """Run work on a pooled connection (in a transaction if tx); retry it whole on
         deadlock or serialization failure, at most TX_ATTEMPTS times; translate errors.
-        A connection that failed is closed, so the pool replaces it with a fresh one."""
+
+        A connection that failed is closed, so the pool replaces it. If `again` (work that is
+        safe to repeat: reads, and writes keyed so a repeat is a no-op), a lost connection
+        is retried once on a fresh one: after a database restart every pooled connection is
+        dead, and the first request on each should not be the one to pay for it.
+        """
+        lost_once = False
         for attempt in range(1, TX_ATTEMPTS + 1):
             try:
                 conn = await self.pool.acquire(timeout=self.connect_timeout_s)
@@ -252,19 +260,25 @@ class PostgresStore:
                     logger.info("store: %s, retrying (attempt %d)", exc.sqlstate, attempt)
                     await asyncio.sleep(random.uniform(0.001, 0.01) * 2**attempt)
                     continue
-                if isinstance(exc, _UNAVAILABLE):
-                    conn.terminate()
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-                raise
+                if not isinstance(exc, _UNAVAILABLE):
+                    raise
+                conn.terminate()
+                if again and not lost_once:
+                    lost_once = True
+                    continue
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             except (*_UNAVAILABLE, asyncpg.exceptions.InternalClientError) as exc:
                 conn.terminate()  # the pool replaces it with a fresh connection
+                if again and not lost_once:
+                    lost_once = True
+                    continue
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             finally:
                 await self.pool.release(conn)
         raise AssertionError("unreachable")
 
-    async def _one(self, sql: str, *args: Any) -> Any:
-        return await self._run(lambda conn: conn.fetchrow(sql, *args))
+    async def _one(self, sql: str, *args: Any, again: bool = True) -> Any:
+        return await self._run(lambda conn: conn.fetchrow(sql, *args), again=again)
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
         return await self._run(lambda conn: conn.fetch(sql, *args))
@@ -314,7 +328,7 @@ class PostgresStore:
                     f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
                 )
 
-        await self._run(work, tx=True)
+        await self._run(work, tx=True, again=False)
 
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")
@@ -327,7 +341,7 @@ class PostgresStore:
             row = await self._one(
                 f"INSERT INTO accounts (public_id, kind, name, created_at) "
                 f"VALUES ($1, 'developer', $2, $3) RETURNING {_ACCOUNT_COLUMNS}",
-                new_id("acct"), name, now_ms(),
+                new_id("acct"), name, now_ms(), again=False,
             )
         except asyncpg.UniqueViolationError:
             raise ValueError(f"an account named {name!r} already exists") from None
@@ -379,7 +393,7 @@ class PostgresStore:
                 f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 f"description, created_at) VALUES ($1, $2, $3, 0, $4, $5, $6) "
                 f"RETURNING {_LEDGER_COLUMNS}",
-                new_id("ledg"), account_id, amount, kind, description, now_ms(),
+                new_id("ledg"), account_id, amount, kind, description, now_ms(), again=False,
             )
         except (asyncpg.ForeignKeyViolationError, asyncpg.RaiseError):
             raise ValueError("no such account") from None
@@ -468,7 +482,7 @@ class PostgresStore:
             f"SELECT {_KEY_COLUMNS} FROM k JOIN accounts a ON a.id = k.account_id",
             new_id("key"), account_id, kind, name, digest, prefix,
             orjson.dumps(list(routes)).decode() if routes is not None else None,
-            allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent,
+            allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent, again=False,
         )
         return _key(row)
 
@@ -534,6 +548,10 @@ class PostgresStore:
                 raise InsufficientFunds(int(getattr(exc, "detail", None) or 0)) from None
             if exc.sqlstate == "QP002":
                 raise TooManyInFlight() from None
+            if exc.sqlstate == "23505":  # taken by an attempt whose reply was lost
+                earlier = await self._one("SELECT id FROM holds WHERE request_id = $1", request_id)
+                if earlier is not None:
+                    return int(earlier[0])
             raise
         return int(row[0])
 
@@ -760,7 +778,7 @@ class PostgresStore:
                 )
             return facts, False
 
-        return await self._run(work, tx=True)
+        return await self._run(work, tx=True, again=False)
 
     async def purge_idempotency(self, older_than_ms: int) -> int:
         status = await self._execute(

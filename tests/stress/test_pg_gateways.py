@@ -136,7 +136,9 @@ async def test_overspend_race_across_two_gateways(procs: ProcessSet, workdir: Pa
             if r.status != 200:
                 checks.expect("refusals are JSON errors", error_shape_ok(r), r.body[:200])
         checks.expect("both gateways answered some", {n for n, _ in answered} == {"a", "b"})
-        checks.expect("the balance paid for what was answered", 0 < len(answered) <= COVERED, len(answered))
+        # At the edge the overdraft cap lowers max_tokens, so a few more than COVERED may be
+        # answered with shorter replies; what may never happen is spending past the funds.
+        checks.expect("the balance paid for what was answered", 0 < len(answered) <= 2 * COVERED, len(answered))
         checks.expect("nothing forwarded without a hold", pair.upstream_requests() == len(answered),
                       (pair.upstream_requests(), len(answered)))
         balance, held = (await pair.rows("SELECT balance, held FROM accounts WHERE name = 'race'"))[0]
@@ -194,12 +196,13 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
             checks.expect("alice got $0.50 once", alice == 500_000, alice)
 
             # 2. A key revoked in the shared store is refused by both gateways within 5 s.
-            live = new_key(pair.a, "acme", "live", "doomed")
+            doomed = pair.a.cli_json("keys", "create", "--account", "acme", "--kind", "live")
+            live = str(doomed["key"])
             body = chat_body(PROMPT, model="pg/x1", max_tokens=8)
             for client in both:
                 reply = await send(client, "POST", "/v1/chat/completions", key=live, body=body)
                 checks.expect("the key works on both before", reply.status == 200, reply.status)
-            pair.a.cli("keys", "revoke", live[:16])
+            pair.a.cli("keys", "revoke", doomed["id"])
             revoked_at = time.monotonic()
             refused_after = {}
             for name, client in zip(("a", "b"), both, strict=True):
@@ -233,7 +236,9 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
             healed_after = None
             started = time.monotonic()
             while time.monotonic() - started < 15:
-                replies = [await send(c, "POST", "/v1/chat/completions", key=key, body=body) for c in both]
+                # several per gateway, so both workers of each are seen to heal
+                replies = [await send(c, "POST", "/v1/chat/completions", key=key, body=body)
+                           for c in both for _ in range(4)]
                 if all(r.status == 200 for r in replies):
                     healed_after = round(time.monotonic() - started, 2)
                     break
@@ -245,8 +250,9 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
                              fake={"reply_words": 40, "chunk_delay_s": 0.5})
             balance_before = await pair.value("SELECT balance FROM accounts WHERE name = 'acme'")
             async with via_a.stream("POST", "/v1/chat/completions", json=slow, headers=auth(key)) as r:
-                async for _ in r.aiter_raw():
-                    break
+                checks.expect("the slow stream started", r.status_code == 200, r.status_code)
+                chunks = r.aiter_raw()  # not closed until the kill: closing it would hang up
+                await chunks.__anext__()
                 held = await pair.value("SELECT held FROM accounts WHERE name = 'acme'")
                 checks.expect("the stream holds funds", held > 0, held)
                 pair.a.kill()
@@ -260,6 +266,9 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
                     break
                 await anyio.sleep(0.5)
             checks.expect("the dead gateway's hold is released by the survivor", released_after is not None)
+            # ...at its expiry, not before: the dead gateway last refreshed it at most one
+            # keeper interval (5 s) before it died.
+            checks.expect("...after it expired", (released_after or 0) >= HOLD_TTL_S - 5, released_after)
             balance_after = await pair.value("SELECT balance FROM accounts WHERE name = 'acme'")
             checks.expect("the killed stream was not charged; the survivor's request was",
                           balance_before - balance_after == COST, (balance_before, balance_after))
