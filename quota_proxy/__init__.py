@@ -6,7 +6,8 @@ Use it as a server (`quota-proxy serve`) or as an ASGI library::
     app = create_app("quota-proxy.toml")
 
 AuthMiddleware and MeteringMiddleware are public and can wrap another ASGI app that
-serves OpenAI-compatible endpoints of its own.
+serves OpenAI-compatible endpoints of its own; run the HoldKeeper given to the metering
+middleware (`async with keeper.running():`) for as long as it serves.
 """
 
 from quota_proxy.app import Gateway, create_app
@@ -20,8 +21,10 @@ from quota_proxy.config import (
     load_settings,
     parse_settings,
 )
-from quota_proxy.metering import Billing, MeteringMiddleware
+from quota_proxy.holds import HoldKeeper
+from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.routing import RouteTable
+from quota_proxy.state import Billing
 from quota_proxy.store import Store, open_store
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "Billing",
     "ConfigError",
     "Gateway",
+    "HoldKeeper",
     "KeyCache",
     "MeteringMiddleware",
     "Route",

@@ -9,74 +9,49 @@ import datetime as dt
 from typing import Any
 
 from quota_proxy import keys as keymod
-from quota_proxy.api.common import EXTERNAL_USER_ID
-from quota_proxy.api.funding import grant_request_hash, grant_view
 from quota_proxy.config import Limits, Settings
+from quota_proxy.grants import EXTERNAL_USER_ID, grant_request_hash
 from quota_proxy.store import (
     Account,
     IdempotencyMismatch,
     InsufficientFunds,
-    KeyRecord,
-    LedgerEntry,
     Store,
 )
+from quota_proxy.views import account_view, grant_view, ledger_view
 
 
 class AdminError(Exception):
     """A mistake in the operator's request: printed as one line, exit status 1."""
 
 
-def account_view(account: Account, settings: Settings) -> dict[str, Any]:
-    usd = settings.money.usd
+async def ledger_page(
+    store: Store,
+    settings: Settings,
+    account_name: str,
+    external_id: str | None,
+    limit: int | None,
+    before: str | None,
+) -> dict[str, Any]:
+    """One page of a ledger, newest first, saying how many older entries it leaves out.
+
+    `before` is an entry's ledg_ id: the page starts just below it.
+    """
+    account = await developer(store, account_name)
+    target = await app_user(store, account, external_id) if external_id else account
+    before_id = None
+    if before is not None:
+        anchor = await store.ledger_entry(before)
+        if anchor is None or anchor.account_id != target.id:
+            raise AdminError(f"--before: no ledger entry {before!r} in this ledger")
+        before_id = anchor.id
+    page = await store.ledger_page(target.id, limit, before_id)
     return {
-        "id": account.public_id,
-        "name": account.name,
-        "balance": usd(account.balance),
-        "balance_quota_tokens": account.balance,
-        "held_quota_tokens": account.held,
-        "available_quota_tokens": account.available,
+        "account": account.name,
+        "external_user_id": external_id,
+        "entries": [ledger_view(e, settings.money) for e in page.entries],
+        "more": page.more,
+        "next_before": page.entries[-1].public_id if page.next_before is not None else None,
     }
-
-
-def key_view(key: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": key.public_id,
-        "prefix": key.prefix,
-        "account": key.account_name,
-        "kind": key.kind,
-        "name": key.name,
-        "routes": list(key.routes) if key.routes is not None else None,
-        "allow_community": key.allow_community,
-        "rpm": key.rpm,
-        "tpm": key.tpm,
-        "max_concurrent": key.max_concurrent,
-        "expires_at": _iso(key.expires_at),
-        "revoked_at": _iso(key.revoked_at),
-        "created_at": _iso(key.created_at),
-    }
-
-
-def ledger_view(entry: LedgerEntry, settings: Settings) -> dict[str, Any]:
-    usd = settings.money.usd
-    return {
-        "id": entry.public_id,
-        "kind": entry.kind,
-        "amount": usd(entry.amount),
-        "amount_quota_tokens": entry.amount,
-        "balance_after": usd(entry.balance_after),
-        "balance_after_quota_tokens": entry.balance_after,
-        "request_id": entry.request_id,
-        "idempotency_key": entry.idempotency_key,
-        "related_id": entry.related_id,
-        "description": entry.description,
-        "created_at": _iso(entry.created_at),
-    }
-
-
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_expiry(text: str) -> int:
@@ -130,7 +105,7 @@ async def create_account(
     if amount:
         await store.credit(account.id, amount, "credit", "initial funding")
         account = await developer(store, name)
-    return account_view(account, settings)
+    return account_view(account, settings.money)
 
 
 async def credit(
@@ -155,7 +130,7 @@ async def credit(
     if amount < 0:
         kind = "adjustment"
     entry = await store.credit(account.id, amount, kind, description or "")
-    return {"account": account.name, "entry": ledger_view(entry, settings)}
+    return {"account": account.name, "entry": ledger_view(entry, settings.money)}
 
 
 async def create_key(

@@ -2,7 +2,8 @@
 client and the hold-keeping task; nothing is built at import time.
 
 A request reads top to bottom:
-RequestContext -> Auth -> dispatch -> Metering (hold) -> UpstreamProxy -> Metering (settle).
+RequestContext -> Auth -> dispatch -> Metering (hold) -> UpstreamProxy -> Metering (settle),
+with the HoldKeeper refreshing this process's holds beside it.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import anyio
-
 from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
@@ -37,8 +37,6 @@ from quota_proxy.upstream import UpstreamProxy, create_client
 logger = logging.getLogger("quota_proxy")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json"})
-MAINTENANCE_INTERVAL_S = 5.0
-IDEMPOTENCY_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 class Gateway:
@@ -57,13 +55,13 @@ class Gateway:
         self.store = store or open_store(settings.store)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
-        self.owner = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.keeper = HoldKeeper(self.store, settings.billing.hold_ttl_s)
         self.routes = routes = RouteTable(settings.routes)
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
         self.metering = inference = MeteringMiddleware(
-            UpstreamProxy(self.http_client), self.store, settings, routes, self.owner
+            UpstreamProxy(self.http_client), self.store, settings, routes, self.keeper
         )
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
@@ -120,7 +118,7 @@ class Gateway:
                 return
             raise NotFound()
         except QuotaError as error:
-            await error.send(scope, receive, send)
+            await send_error(send, error)
 
     def reload(self) -> bool:
         """Re-read the TOML file: routes, upstreams, packages and billing switch over for the
@@ -141,6 +139,7 @@ class Gateway:
         self.services.settings = new
         self.services.money = new.money
         self.metering.configure(new)
+        self.keeper.hold_ttl_s = new.billing.hold_ttl_s
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),
@@ -151,33 +150,15 @@ class Gateway:
     async def running(self) -> AsyncIterator[None]:
         """Open the store and start the hold keeper; the app serves only inside this."""
         await self.store.open()
-        await self.store.release_expired_holds()
         if self.reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_holds)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
+            async with self.keeper.running():
+                yield
         finally:
             if self._own_client:
                 await self.http_client.aclose()
             await self.store.close()
-
-    async def _keep_holds(self) -> None:
-        """Refresh this process's holds, release expired ones (a crashed process's), purge old keys."""
-        ttl_ms = self.settings.billing.hold_ttl_s * 1000
-        while True:
-            await anyio.sleep(MAINTENANCE_INTERVAL_S)
-            try:
-                await self.store.refresh_holds(self.owner, ttl_ms)
-                await self.store.release_expired_holds()
-                await self.store.purge_idempotency(IDEMPOTENCY_TTL_MS)
-                await self.store.purge_rate_windows()
-            except Exception as exc:  # a busy store must not kill the keeper; it retries
-                logger.warning("hold maintenance failed: %s", exc)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()

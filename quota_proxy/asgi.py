@@ -7,11 +7,14 @@ from typing import Any
 
 import orjson
 
+from quota_proxy.errors import PayloadTooLarge, QuotaError
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 
 async def send_bytes(
     send: Send,
@@ -34,6 +37,11 @@ async def send_json(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     await send_bytes(send, status, orjson.dumps(data), headers)
+
+
+async def send_error(send: Send, error: QuotaError) -> None:
+    """Answer with the error's status, JSON body and extra headers (Retry-After, ...)."""
+    await send_bytes(send, error.status, error.json_bytes(), error.headers)
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -64,8 +72,6 @@ class ClientGone(Exception):
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body, refusing more than limit bytes (413) before reading it all."""
-    from quota_proxy.errors import PayloadTooLarge
-
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.errors import InvalidApiKey
 from quota_proxy.keys import digest, key_kind
+from quota_proxy.state import request_state
 from quota_proxy.store import KeyRecord, Store
-
-KEY_SCOPE = "quota.key"
 
 
 class KeyCache:
@@ -57,7 +56,7 @@ def presented_key(scope: Scope) -> str | None:
 
 
 class AuthMiddleware:
-    """Refuses unauthenticated requests with 401; hands the KeyRecord on in scope['quota.key']."""
+    """Refuses unauthenticated requests with 401; hands the KeyRecord on in the RequestState."""
 
     def __init__(self, app: ASGIApp, keys: KeyCache, public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -72,10 +71,11 @@ class AuthMiddleware:
         record = await self.keys.lookup(key) if key else None
         if record is None:
             message = "Missing API key." if key is None else "Invalid, revoked or expired API key."
-            await InvalidApiKey(message).send(scope, receive, send)
+            await send_error(send, InvalidApiKey(message))
             return
-        scope[KEY_SCOPE] = record
-        log = scope.setdefault("quota.log", {})
+        state = request_state(scope)
+        state.key = record
+        log = state.log
         log["key_prefix"] = record.prefix
         log["account"] = record.account_name
         await self.app(scope, receive, send)

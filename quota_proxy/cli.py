@@ -28,9 +28,11 @@ from quota_proxy.config import (
 )
 from quota_proxy.store import Store, StoreError, open_store
 from quota_proxy.store.copy import copy_store
+from quota_proxy.views import account_view, key_view, user_view
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+LEDGER_PAGE = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("list", "an account's ledger, newest first", ledger)
     p.add_argument("--account", required=True)
     p.add_argument("--user", metavar="EXTERNAL_ID")
-    p.add_argument("--limit", type=int, default=50)
+    page = p.add_mutually_exclusive_group()
+    page.add_argument("--limit", type=_positive, default=LEDGER_PAGE, help=f"entries per page (default {LEDGER_PAGE})")
+    page.add_argument("--all", action="store_true", help="every entry, no paging")
+    p.add_argument("--before", metavar="ID", help="start below this entry (the next_before of the last page)")
     cmd("verify", "check balance = sum(ledger) and held = open holds for every account", ledger)
 
     p = cmd("backup", "copy the store to a new file while the gateway serves (SQLite online backup)")
@@ -230,7 +235,7 @@ async def _accounts_create(args: argparse.Namespace, s: Settings, store: Store) 
 
 @_handles("accounts", "list")
 async def _accounts_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
-    data = [admin.account_view(a, s) for a in await store.list_accounts()]
+    data = [account_view(a, s.money) for a in await store.list_accounts()]
     return data, lambda d: _table(d, ["name", "id", "balance", "balance_quota_tokens", "held_quota_tokens"])
 
 
@@ -249,7 +254,7 @@ async def _keys_create(args: argparse.Namespace, s: Settings, store: Store) -> t
 @_handles("keys", "list")
 async def _keys_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account_id = (await admin.developer(store, args.account)).id if args.account else None
-    data = [admin.key_view(k) for k in await store.list_keys(account_id)]
+    data = [key_view(k) for k in await store.list_keys(account_id)]
     return data, lambda d: _table(d, ["id", "prefix", "account", "kind", "name", "expires_at", "revoked_at"])
 
 
@@ -280,11 +285,9 @@ async def _balance(args: argparse.Namespace, s: Settings, store: Store) -> tuple
     account = await admin.developer(store, args.account)
     if args.user:
         user = await admin.app_user(store, account, args.user)
-        from quota_proxy.api.common import user_view
-
         data = {"account": account.name, **user_view(user, s.money)}
         return data, lambda d: f"{d['account']}/{d['external_user_id']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, billing mode {d['billing_mode']})\n"
-    data = admin.account_view(account, s)
+    data = account_view(account, s.money)
     return data, lambda d: f"{d['name']}: {d['balance']} ({d['balance_quota_tokens']} quota tokens, {d['held_quota_tokens']} held)\n"
 
 
@@ -309,11 +312,37 @@ async def _usage(args: argparse.Namespace, s: Settings, store: Store) -> tuple[A
 
 @_handles("ledger", "list")
 async def _ledger_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
-    account = await admin.developer(store, args.account)
-    target = await admin.app_user(store, account, args.user) if args.user else account
-    data = [admin.ledger_view(e, s) for e in await store.ledger(target.id, args.limit)]
-    return data, lambda d: _table(d, ["id", "created_at", "kind", "amount_quota_tokens",
-                                      "balance_after_quota_tokens", "request_id", "description"])
+    limit = None if args.all else args.limit
+    data = await admin.ledger_page(store, s, args.account, args.user, limit, args.before)
+    return data, _ledger_table
+
+
+def _ledger_table(d: dict[str, Any]) -> str:
+    rows = []
+    for e in d["entries"]:
+        row = dict(e)
+        charge = e["charge"]
+        if charge is not None:
+            buckets = [("in", "input_tokens"), ("out", "output_tokens"), ("cache_read", "cache_read_tokens"),
+                       ("cache_write", "cache_write_tokens"), ("cache_write_1h", "cache_write_1h_tokens")]
+            row |= {
+                "route": charge["route"],
+                "upstream_model": charge["upstream_model"],
+                "key": charge["key_prefix"],
+                "user": charge["external_user_id"],
+                "tokens": " ".join(f"{label}={charge[f]}" for label, f in buckets if charge[f] or label in ("in", "out")),
+                "multiplier": charge["multiplier"],
+                "estimated": "estimated" if charge["estimated"] else "",
+                "outcome": charge["outcome"],
+            }
+        rows.append(row)
+    text = _table(rows, ["id", "created_at", "kind", "amount_quota_tokens", "balance_after_quota_tokens",
+                         "request_id", "route", "upstream_model", "key", "user", "tokens", "multiplier",
+                         "estimated", "outcome", "description"])
+    if d["more"]:
+        return text + (f"… {d['more']} older entries not shown: --before {d['next_before']} "
+                       "for the next page, --all for every entry\n")
+    return text + "(no older entries)\n"
 
 
 @_handles("ledger", "verify")
@@ -367,8 +396,6 @@ async def _grant(args: argparse.Namespace, s: Settings, store: Store) -> tuple[A
 
 @_handles("users", "list")
 async def _users_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     data = [user_view(u, s.money) for u in await store.list_users(account.id)]
     return data, lambda d: _table(d, ["external_user_id", "balance", "balance_quota_tokens", "billing_mode"])
@@ -376,8 +403,6 @@ async def _users_list(args: argparse.Namespace, s: Settings, store: Store) -> tu
 
 @_handles("users", "show")
 async def _users_show(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     data = user_view(await admin.app_user(store, account, args.user), s.money)
     return data, lambda d: _table([d], list(d))
@@ -385,8 +410,6 @@ async def _users_show(args: argparse.Namespace, s: Settings, store: Store) -> tu
 
 @_handles("users", "set-mode")
 async def _users_set_mode(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
-    from quota_proxy.api.common import user_view
-
     account = await admin.developer(store, args.account)
     user = await admin.app_user(store, account, args.user)
     await store.set_billing_mode(user.id, args.mode)

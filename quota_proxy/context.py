@@ -4,13 +4,14 @@ request, and a last-resort JSON 500 so that no stack trace ever reaches a client
 from __future__ import annotations
 
 import logging
-import os
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
+from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send, send_error
 from quota_proxy.errors import QuotaError, StoreUnavailableError
+from quota_proxy.state import STATE_KEY, RequestState, new_request_id
 from quota_proxy.store import StoreUnavailable
 
 access_log = logging.getLogger("quota_proxy.access")
@@ -24,10 +25,6 @@ CLIENT_CLOSED = 499
 Observer = Callable[[dict[str, Any]], None]
 
 
-def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
-
-
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, observers: tuple[Observer, ...] = ()) -> None:
         self.app = app
@@ -38,11 +35,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = new_request_id()
-        scope["quota.request_id"] = request_id
-        log: dict[str, Any] = {}
-        scope["quota.log"] = log
         started = time.perf_counter()
-        scope["quota.started"] = started
+        state = RequestState(request_id, started)
+        scope[STATE_KEY] = state
+        log = state.log
         path = scope["path"]
         status = 0
         id_header = (REQUEST_ID_HEADER, request_id.encode())
@@ -52,7 +48,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # The gateway's own share so far: all of it, less the upstream's time.
-                overhead_ms = (time.perf_counter() - started - scope.get("quota.upstream_s", 0.0)) * 1000
+                overhead_ms = (time.perf_counter() - started - state.upstream_s) * 1000
                 log["overhead_ms"] = round(overhead_ms, 3)
                 message["headers"] = [
                     *message.get("headers", ()),
@@ -71,13 +67,14 @@ class RequestContextMiddleware:
             # Fail closed: without the store nothing is authorised, held or forwarded.
             error_log.warning("store unavailable in request %s: %s", request_id, exc)
             if status == 0:
-                await StoreUnavailableError().send(scope, receive, send_with_id)
+                await send_error(send_with_id, StoreUnavailableError())
             status = status or 503
         except Exception as exc:
-            # The type and request id only: a traceback's text could quote a prompt.
-            error_log.error("unhandled %s in request %s", type(exc).__name__, request_id)
+            error_log.error(
+                "unhandled %s in request %s\n%s", type(exc).__name__, request_id, where_it_failed(exc)
+            )
             if status == 0:
-                await QuotaError().send(scope, receive, send_with_id)
+                await send_error(send_with_id, QuotaError())
             status = status or 500
         finally:
             log["request_id"] = request_id
@@ -89,3 +86,11 @@ class RequestContextMiddleware:
                 observe(log)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={"access": log})
+
+
+def where_it_failed(exc: BaseException) -> str:
+    """The traceback's frames (file, line, function, source line) without the exception's
+    message or any local value: a message or a value could quote a prompt or a key."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    lines = [f'  File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line or ""}' for f in frames]
+    return "Traceback (most recent call last):\n" + "\n".join(lines) + f"\n{type(exc).__qualname__}"

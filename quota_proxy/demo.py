@@ -11,9 +11,10 @@ from pathlib import Path
 from quota_proxy import admin
 from quota_proxy.app import create_app
 from quota_proxy.config import Settings, parse_settings
+from quota_proxy.fake_upstream import run_fake_upstream
 from quota_proxy.logs import configure_logging
+from quota_proxy.runner import run_server
 from quota_proxy.store import open_store
-from quota_proxy.testing import run_fake_upstream, run_server
 
 DEMO_FUNDS_USD = "5"
 

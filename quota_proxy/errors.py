@@ -18,6 +18,7 @@
     └── UpstreamTimeout             504 upstream_timeout
 
 Foreign errors (the upstream client's, sqlite's) are translated to these at one boundary each.
+This module is a leaf (it imports nothing from the package): `asgi.send_error` sends one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
-
-from quota_proxy.asgi import Receive, Scope, Send, send_json
 
 
 class QuotaError(Exception):
@@ -48,9 +47,6 @@ class QuotaError(Exception):
 
     def json_bytes(self) -> bytes:
         return orjson.dumps(self.body())
-
-    async def send(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, self.status, self.body(), self.headers)
 
 
 class BadRequest(QuotaError):

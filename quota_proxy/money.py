@@ -15,15 +15,7 @@ class Multiplier:
 
     @classmethod
     def parse(cls, raw: object) -> Multiplier:
-        if isinstance(raw, bool) or not isinstance(raw, (int, float, str, Decimal)):
-            raise ValueError("must be a number")
-        try:
-            # repr() of a TOML float is its shortest exact decimal form ("0.5", "1.1").
-            dec = Decimal(repr(raw)) if isinstance(raw, float) else Decimal(str(raw))
-        except InvalidOperation:
-            raise ValueError("must be a number") from None
-        if not dec.is_finite():
-            raise ValueError("must be a finite number")
+        dec = parse_decimal(raw)
         if dec <= 0:
             raise ValueError("must be > 0")
         return cls(Fraction(dec))
@@ -74,10 +66,12 @@ class Money:
 
 
 def parse_decimal(amount: object) -> Decimal:
-    """A dollar amount from JSON or the CLI: numbers and numeric strings only, finite."""
+    """A number from JSON, TOML or the CLI (dollars, a multiplier): numbers and numeric
+    strings only, finite. ValueError says what is wrong, for the caller to prefix."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float, str, Decimal)):
         raise ValueError("must be a number")
     try:
+        # repr() of a float is its shortest exact decimal form ("0.5", "1.1").
         dec = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(str(amount).strip())
     except InvalidOperation:
         raise ValueError("must be a number") from None

@@ -113,18 +113,21 @@ def _parse_usage_event(payload: bytes) -> dict[str, Any] | None:
 
 
 def _choice_texts(obj: Any) -> list[str]:
+    """The completion text of a response or a stream event: message or delta content,
+    reasoning, refusals, tool-call arguments and legacy completion text."""
     if not isinstance(obj, dict):
         return []
     texts = []
     for choice in obj.get("choices") or ():
         if not isinstance(choice, dict):
             continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
+        for part in (choice.get("delta"), choice.get("message")):
+            if not isinstance(part, dict):
+                continue
             for field in ("content", "reasoning_content", "refusal"):
-                if isinstance(delta.get(field), str):
-                    texts.append(delta[field])
-            for call in delta.get("tool_calls") or ():
+                if isinstance(part.get(field), str):
+                    texts.append(part[field])
+            for call in part.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                     texts.append(fn["arguments"])
@@ -133,22 +136,6 @@ def _choice_texts(obj: Any) -> list[str]:
     return texts
 
 
-def choice_texts(obj: Any) -> str:
+def completion_texts(obj: Any) -> str:
     """The text of a whole (non-streamed) response, for estimating when usage is absent."""
-    if not isinstance(obj, dict):
-        return ""
-    parts: list[str] = []
-    for choice in obj.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        if isinstance(message, dict):
-            if isinstance(message.get("content"), str):
-                parts.append(message["content"])
-            for call in message.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    parts.append(fn["arguments"])
-        if isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
-    return "".join(parts)
+    return "".join(_choice_texts(obj))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, read_body, send_bytes
+from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import (
@@ -23,11 +25,10 @@ from quota_proxy.http_client import (
     UpstreamHTTPError,
     UpstreamResponse,
 )
+from quota_proxy.state import RequestState, request_state
+from quota_proxy.store.models import Outcome
 
 logger = logging.getLogger("quota_proxy.upstream")
-
-# What the upstream answered, handed back to metering through the scope.
-OUTCOME_KEY = "quota.outcome"
 
 _RESPONSE_HEADERS_KEPT = frozenset({b"content-type", b"retry-after", b"x-request-id", b"openai-processing-ms"})
 
@@ -72,13 +73,54 @@ def translate_exception(exc: UpstreamHTTPError) -> QuotaError:
     return UpstreamError("The upstream model server closed the connection unexpectedly.")
 
 
+MALFORMED = "The upstream model server sent a malformed reply."
+_SSE_FIELD_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+def looks_like_event_stream(content_type: bytes | None, first: bytes) -> bool:
+    """A reply a streaming caller can be given: declared as an event stream, and its first
+    bytes begin an SSE field (an HTML error page from a proxy in between does not)."""
+    if content_type is None or not content_type.lower().startswith(b"text/event-stream"):
+        return False
+    return first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(_SSE_FIELD_STARTS)
+
+
+def looks_like_json_object(body: bytes) -> bool:
+    """A reply that can be the JSON object a non-streaming caller asked for (parsed later)."""
+    return body.lstrip(b" \t\r\n").startswith(b"{")
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What metering asks the upstream hop to do: send this body to the route, stream or not."""
+
+    route: Route
+    body: bytes
+    stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HopResult:
+    """What the hop learned: how the exchange ended and the upstream's own time."""
+
+    outcome: Outcome
+    upstream_s: float = 0.0
+
+
+@runtime_checkable
+class Hop(Protocol):
+    """The innermost room: forwards one exchange and relays the reply to `send`."""
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> HopResult: ...
+
+
 def stream_error_event(error: QuotaError) -> bytes:
     """The last SSE event of a stream the upstream broke after it began."""
     return b"data: " + error.json_bytes() + b"\n\n"
 
 
 class UpstreamProxy:
-    """Forwards POSTs to scope['quota.route'].upstream and relays the reply, streaming when asked.
+    """Forwards an exchange to the route's upstreams and relays the reply, streaming when asked.
 
     One watcher covers the whole exchange: a caller who leaves, before the first byte or
     mid-stream, cancels the upstream request at once (its connection is closed).
@@ -88,13 +130,11 @@ class UpstreamProxy:
         self.client = client
         self._cool_until: dict[str, float] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The body was limited and rewritten by metering; it comes back whole, at once.
-        body = await read_body(scope, receive, sys.maxsize)
+    async def forward(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> HopResult:
         finished = False
         left = False
-        exchange = asyncio.current_task()
-        assert exchange is not None
+        task = asyncio.current_task()
+        assert task is not None
 
         async def send_until_final(message: Message) -> None:
             nonlocal finished
@@ -108,23 +148,24 @@ class UpstreamProxy:
                 return
             if done.result()["type"] == "http.disconnect":
                 left = True
-                exchange.cancel()
+                task.cancel()
 
         # A plain task and a callback, not an anyio task group: this runs on every request,
         # and cancel scopes cost more than the rest of the hop.
         watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_receive)
+        state = request_state(scope)
         try:
-            await self._exchange(scope, send_until_final, body)
+            outcome = await self._exchange(scope, state, send_until_final, exchange)
         except asyncio.CancelledError:
             if not left:
                 raise
-            exchange.uncancel()
+            task.uncancel()
+            outcome = Outcome.CLIENT_DISCONNECTED
         finally:
             watcher.remove_done_callback(on_receive)
             watcher.cancel()
-        if left:
-            scope[OUTCOME_KEY] = "client_disconnected"
+        return HopResult(outcome, state.upstream_s)
 
     def _candidates(self, route: Route) -> list[Upstream]:
         """The route's upstreams in order, those cooling down after a failure last."""
@@ -134,11 +175,11 @@ class UpstreamProxy:
         ready = [u for u in route.upstreams if self._cool_until.get(u.name, 0.0) <= now]
         return ready + [u for u in route.upstreams if u not in ready]
 
-    async def _exchange(self, scope: Scope, send: Send, body: bytes) -> None:
-        """Try the route's upstreams in order until one answers; nothing reaches the caller
-        before an upstream has answered, so a failed attempt is never seen by it."""
-        route: Route = scope["quota.route"]
-        log = scope.setdefault("quota.log", {})
+    async def _exchange(self, scope: Scope, state: RequestState, send: Send, exchange: Exchange) -> Outcome:
+        """Try the route's upstreams in order until one answers usably; nothing reaches the
+        caller before then, so a failed attempt is never seen by it."""
+        route = exchange.route
+        log = state.log
         ua = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
@@ -146,6 +187,7 @@ class UpstreamProxy:
         path = scope["path"].removeprefix("/v1")
         candidates = self._candidates(route)
         failure: QuotaError | None = None
+        outcome = Outcome.UPSTREAM_ERROR
         for attempt, upstream in enumerate(candidates, start=1):
             last = attempt == len(candidates)
             log["upstream"] = upstream.name
@@ -153,64 +195,91 @@ class UpstreamProxy:
             try:
                 response = await self.client.send(
                     upstream.base_url + path,
-                    body,
+                    exchange.body,
                     upstream_headers(upstream, ua),
                     timeout=upstream.timeout_s,
                     connect_timeout=upstream.connect_timeout_s,
                 )
             except UpstreamHTTPError as exc:
                 failure = translate_exception(exc)
-                self._failed(scope, upstream, type(exc).__name__, started, attempt, last)
+                self._failed(state, route, upstream, type(exc).__name__, started, attempt, last)
                 continue
-            if (response.status_code >= 500 or response.status_code == 429) and not last:
-                await response.aclose()
-                self._failed(scope, upstream, f"status_{response.status_code}", started, attempt, last)
-                continue
-            scope["quota.upstream_started"] = started
             try:
-                if scope.get("quota.stream", False) and response.status_code == 200:
-                    await self._relay_stream(scope, send, response)
+                if (response.status_code >= 500 or response.status_code == 429) and not last:
+                    self._failed(state, route, upstream, f"status_{response.status_code}", started, attempt, last)
+                    continue
+                if exchange.stream and response.status_code == 200:
+                    relayed = await self._relay_stream(state, send, response, started)
                 else:
-                    await self._relay_whole(scope, send, response)
+                    relayed = await self._relay_whole(scope, state, send, response, started, exchange.stream)
+            except UpstreamHTTPError as exc:
+                # Failed before anything reached the caller: the next upstream may answer.
+                failure = translate_exception(exc)
+                self._failed(state, route, upstream, type(exc).__name__, started, attempt, last)
+                continue
             finally:
                 await response.aclose()
-            return
-        scope[OUTCOME_KEY] = "upstream_error"
+            if relayed is not None:
+                return relayed
+            failure = UpstreamError(MALFORMED)
+            outcome = Outcome.UPSTREAM_MALFORMED
+            self._failed(state, route, upstream, "malformed_reply", started, attempt, last)
         assert failure is not None
-        await failure.send(scope, _never, send)
+        await send_error(send, failure)
+        return outcome
 
     def _failed(
-        self, scope: Scope, upstream: Upstream, kind: str, started: float, attempt: int, last: bool
+        self,
+        state: RequestState,
+        route: Route,
+        upstream: Upstream,
+        kind: str,
+        started: float,
+        attempt: int,
+        last: bool,
     ) -> None:
-        if len(scope["quota.route"].upstreams) > 1:
+        if len(route.upstreams) > 1:
             self._cool_until[upstream.name] = time.monotonic() + upstream.cooldown_s
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        scope["quota.log"].setdefault("upstream_errors", []).append((upstream.name, kind))
+        state.log.setdefault("upstream_errors", []).append((upstream.name, kind))
         logger.warning(
             "upstream attempt failed: request %s route %s upstream %s attempt %d: %s after %.1f ms%s",
-            scope.get("quota.request_id"), scope["quota.route"].alias, upstream.name, attempt,
+            state.request_id, route.alias, upstream.name, attempt,
             kind, elapsed_ms, "" if last else "; trying the next upstream",
         )
 
-    async def _relay_whole(self, scope: Scope, send: Send, response: UpstreamResponse) -> None:
-        try:
-            body = await response.aread()
-            _record_upstream_time(scope)
-        except UpstreamHTTPError as exc:
-            scope[OUTCOME_KEY] = "upstream_error"
-            await translate_exception(exc).send(scope, _never, send)
-            return
+    async def _relay_whole(
+        self,
+        scope: Scope,
+        state: RequestState,
+        send: Send,
+        response: UpstreamResponse,
+        started: float,
+        stream: bool,
+    ) -> Outcome | None:
+        """Relay a whole reply; None when a 200 cannot be what the caller asked for."""
+        body = await response.aread()
+        _record_upstream_time(state, started)
         error = translate_status(response)
         if error is not None:
-            scope[OUTCOME_KEY] = "upstream_error"
-            await error.send(scope, _never, send)
-            return
-        scope[OUTCOME_KEY] = "ok" if response.status_code < 400 else "upstream_rejected"
+            await send_error(send, error)
+            return Outcome.UPSTREAM_ERROR
+        if response.status_code == 200 and (stream or not looks_like_json_object(body)):
+            return None  # a stream asked for and JSON (or anything else) given, or not JSON at all
         content_type = response.header(b"content-type") or b"application/json"
         headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, response.status_code, body, headers, content_type)
+        return Outcome.OK if response.status_code < 400 else Outcome.UPSTREAM_REJECTED
 
-    async def _relay_stream(self, scope: Scope, send: Send, response: UpstreamResponse) -> None:
+    async def _relay_stream(
+        self, state: RequestState, send: Send, response: UpstreamResponse, started: float
+    ) -> Outcome | None:
+        """Relay an event stream as it arrives, once its first bytes show it is one."""
+        chunks = response.aiter_raw()
+        first = await _first_bytes(chunks)
+        _record_upstream_time(state, started)
+        if not looks_like_event_stream(response.header(b"content-type"), first):
+            return None
         await send(
             {
                 "type": "http.response.start",
@@ -222,37 +291,34 @@ class UpstreamProxy:
                 ],
             }
         )
-        _record_upstream_time(scope)
-        outcome = "ok"
-        first = True
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        state.log["ttfb_ms"] = round(state.elapsed_s * 1000, 3)
+        outcome = Outcome.OK
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if first:
-                    first = False
-                    log = scope["quota.log"]
-                    log["ttfb_ms"] = round((time.perf_counter() - scope["quota.started"]) * 1000, 3)
         except UpstreamHTTPError as exc:
-            outcome = "upstream_broken"
+            outcome = Outcome.UPSTREAM_BROKEN
             error = translate_exception(exc)
             if isinstance(exc, ReadTimedOut):
                 error = UpstreamTimeout("The upstream model server stopped sending mid-stream.")
             await send(
                 {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}
             )
-        scope[OUTCOME_KEY] = outcome
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return outcome
 
 
-def _record_upstream_time(scope: Scope) -> None:
-    """Upstream time so far: the whole reply, or a stream's headers."""
-    elapsed = time.perf_counter() - scope["quota.upstream_started"]
-    scope["quota.upstream_s"] = elapsed
-    scope["quota.log"]["upstream_ms"] = round(elapsed * 1000, 3)
+async def _first_bytes(chunks: AsyncIterator[bytes]) -> bytes:
+    """The stream's first non-empty bytes (b"" if it ended at once)."""
+    async for chunk in chunks:
+        if chunk:
+            return chunk
+    return b""
 
 
-async def _never() -> Message:
-    """The receive() of an error reply sent from inside the exchange: the watcher owns the real one."""
-    forever: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-    return await forever
-
+def _record_upstream_time(state: RequestState, started: float) -> None:
+    """The upstream's time before the gateway can answer: a whole reply, or a stream's first bytes."""
+    elapsed = time.perf_counter() - started
+    state.upstream_s = elapsed
+    state.log["upstream_ms"] = round(elapsed * 1000, 3)

@@ -26,8 +26,9 @@ import pytest
 from quota_proxy import admin
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.config import Limits, Settings, load_settings
+from quota_proxy.runner import run_server
 from quota_proxy.store import Account, Store
-from quota_proxy.testing import RunningUpstream, run_fake_upstream, run_server
+from quota_proxy.testing import RunningUpstream, run_fake_upstream
 
 
 @pytest.fixture

@@ -129,11 +129,20 @@ async def test_every_command_prints_one_json_document(gateway: GatewayHarness) -
     assert rows[0]["charged_quota_tokens"] == charged
     assert one_json(cli_after(gateway, "usage", "--account", "shop", "--days", "1", "--json"))["rows"] == rows
 
-    ledger = one_json(gateway.cli("ledger", "list", "--account", "shop", "--json"))
+    page = one_json(gateway.cli("ledger", "list", "--account", "shop", "--json"))
+    assert (page["account"], page["more"], page["next_before"]) == ("shop", 0, None)
+    ledger = page["entries"]
     assert [e["amount_quota_tokens"] for e in ledger] == [5_000_000, 500, 1_250_000, -charged, 5_500_000]
     assert ledger[0]["balance_after_quota_tokens"] == expected
     assert all(e["id"].startswith("ledg_") for e in ledger)
     assert ledger[3]["kind"] == "charge" and ledger[3]["request_id"].startswith("req_")
+    charge = ledger[3]["charge"]
+    assert charge["request_id"] == ledger[3]["request_id"]
+    assert (charge["route"], charge["upstream_model"], charge["multiplier"]) == ("quota/sonnet", "fake-sonnet", "x3")
+    assert (charge["input_tokens"], charge["output_tokens"], charge["charged_quota_tokens"]) == (5, 8, charged)
+    assert (charge["key_id"], charge["key_prefix"]) == (live["id"], live["prefix"])
+    assert (charge["estimated"], charge["outcome"], charge["external_user_id"]) == (False, "ok", None)
+    assert all(e["charge"] is None for i, e in enumerate(ledger) if i != 3)
 
     verified = one_json(gateway.cli("ledger", "verify", "--json"))
     assert verified["ok"] is True and verified["problems"] == []
@@ -205,6 +214,63 @@ async def test_keys_create_shows_the_key_once_in_text_mode(gateway: GatewayHarne
     assert keys[0] not in listing.stdout
     models = await gateway.openai(keys[0]).models.list()
     assert models.data
+
+
+async def test_ledger_list_pages_and_says_how_many_entries_it_leaves_out(gateway: GatewayHarness) -> None:
+    account = await gateway.account("pager", 1000)  # entry 1: the initial credit
+    secret = await gateway.key("pager", kind="secret")
+    for i in range(58):
+        await gateway.store.credit(account.id, i + 1, "credit", f"top-up {i}")
+    http = gateway.http()
+    auth = {"authorization": f"Bearer {secret}"}
+    granted = await http.post("/v1/funding/grant", json={"external_user_id": "bob", "amount": 0.0005}, headers=auth)
+    assert granted.status_code == 200, granted.text
+    user_client = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/users/bob", api_key=secret, max_retries=0)
+    try:
+        reply = await user_client.chat.completions.create(
+            model="quota/fast", messages=[{"role": "user", "content": "hello there"}]
+        )
+    finally:
+        await user_client.close()
+    assert reply.usage is not None
+
+    # 60 entries: the default page shows 50 and says 10 more exist, and where to continue.
+    first = one_json(gateway.cli("ledger", "list", "--account", "pager", "--json"))
+    assert len(first["entries"]) == 50 and first["more"] == 10
+    assert first["next_before"] == first["entries"][-1]["id"]
+    assert first["entries"][0]["kind"] == "grant"
+    rest = one_json(gateway.cli("ledger", "list", "--account", "pager", "--before", first["next_before"], "--json"))
+    assert (len(rest["entries"]), rest["more"], rest["next_before"]) == (10, 0, None)
+    everything = one_json(gateway.cli("ledger", "list", "--account", "pager", "--all", "--json"))
+    assert everything["more"] == 0
+    assert [e["id"] for e in everything["entries"]] == [e["id"] for e in first["entries"] + rest["entries"]]
+    assert len(everything["entries"]) == 60 and everything["entries"][-1]["description"] == "initial funding"
+    small = one_json(gateway.cli("ledger", "list", "--account", "pager", "--limit", "7", "--json"))
+    assert (len(small["entries"]), small["more"]) == (7, 53)
+
+    text = gateway.cli("ledger", "list", "--account", "pager").stdout
+    assert f"10 older entries not shown: --before {first['next_before']}" in text
+    assert "--all" in text
+    assert "(no older entries)" in gateway.cli("ledger", "list", "--account", "pager", "--all").stdout
+
+    # The app user's charge names the user, the key and the buckets.
+    bob = one_json(gateway.cli("ledger", "list", "--account", "pager", "--user", "bob", "--json"))
+    assert bob["external_user_id"] == "bob"
+    assert [e["kind"] for e in bob["entries"]] == ["charge", "grant"]
+    charge = bob["entries"][0]["charge"]
+    assert charge["external_user_id"] == "bob" and secret.startswith(charge["key_prefix"])
+    assert (charge["route"], charge["multiplier"], charge["outcome"], charge["estimated"]) == (
+        "quota/fast", "x1", "ok", False)
+    assert charge["input_tokens"] + charge["output_tokens"] == charge["charged_quota_tokens"] > 0
+    assert charge["cache_read_tokens"] == charge["cache_write_tokens"] == charge["cache_write_1h_tokens"] == 0
+    bob_text = gateway.cli("ledger", "list", "--account", "pager", "--user", "bob").stdout
+    assert "quota/fast" in bob_text and "fake-fast" in bob_text and "x1" in bob_text
+
+    # A cursor from another ledger, or --all with --limit, is refused on stderr.
+    wrong = gateway.cli("ledger", "list", "--account", "pager", "--before", bob["entries"][0]["id"], check=False)
+    assert wrong.returncode == 1 and wrong.stdout == "" and "--before" in wrong.stderr
+    both = gateway.cli("ledger", "list", "--account", "pager", "--all", "--limit", "5", check=False)
+    assert both.returncode == 2 and both.stdout == ""
 
 
 async def test_ledger_verify_fails_on_broken_books(gateway: GatewayHarness, tmp_path: Path) -> None:

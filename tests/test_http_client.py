@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from quota_proxy.http_client import ConnectFailed, ReadTimedOut, UpstreamClient
-from quota_proxy.testing import run_server
+from quota_proxy.runner import run_server
 from tests.conftest import closed_port
 
 pytestmark = pytest.mark.anyio

@@ -16,6 +16,7 @@ import pytest
 import quota_proxy
 from quota_proxy import (
     AuthMiddleware,
+    HoldKeeper,
     KeyCache,
     MeteringMiddleware,
     RouteTable,
@@ -27,7 +28,7 @@ from quota_proxy import (
     parse_settings,
 )
 from quota_proxy.context import RequestContextMiddleware
-from quota_proxy.testing import run_server
+from quota_proxy.runner import run_server
 
 pytestmark = pytest.mark.anyio
 
@@ -36,6 +37,7 @@ PUBLIC_NAMES = {
     "Billing",
     "ConfigError",
     "Gateway",
+    "HoldKeeper",
     "KeyCache",
     "MeteringMiddleware",
     "Route",
@@ -161,10 +163,11 @@ async def test_metering_middleware_wraps_my_own_app(tmp_path: Path, store: Store
 
     inner = MyModelServer()
     routes = RouteTable(settings.routes)
-    metered = MeteringMiddleware(inner, store, settings, routes, owner="library-test")
+    keeper = HoldKeeper(store, settings.billing.hold_ttl_s, owner="library-test")
+    metered = MeteringMiddleware(inner, store, settings, routes, keeper)
     app = RequestContextMiddleware(AuthMiddleware(metered, KeyCache(store)))
 
-    async with run_server(app) as server:
+    async with keeper.running(), run_server(app) as server:
         base_url = f"{server.url}/v1"
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=10) as client:
             raw = await client.chat.completions.with_raw_response.create(

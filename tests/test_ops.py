@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quota_proxy.config import StoreSettings
 from quota_proxy.logs import JsonFormatter, TextFormatter
+from quota_proxy.runner import run_server
 from quota_proxy.store import open_store
-from quota_proxy.testing import run_fake_upstream, run_server
+from quota_proxy.testing import run_fake_upstream
 from tests.conftest import GatewayHarness, closed_port, config_toml
 
 pytestmark = pytest.mark.anyio

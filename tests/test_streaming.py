@@ -12,7 +12,8 @@ import openai
 import orjson
 import pytest
 
-from quota_proxy.testing import RunningUpstream, run_server
+from quota_proxy.runner import run_server
+from quota_proxy.testing import RunningUpstream
 from tests.conftest import GatewayFactory, GatewayHarness
 
 pytestmark = pytest.mark.anyio

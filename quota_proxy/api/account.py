@@ -5,11 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from quota_proxy.api.common import Services, external_user_id, query, user_view
+from quota_proxy.api.common import Services, external_user_id, query
 from quota_proxy.asgi import Receive, Scope, Send, send_json
 from quota_proxy.errors import UserNotFound
 from quota_proxy.money import format_usd
-from quota_proxy.store import KeyRecord, UsageTotal
+from quota_proxy.state import caller_key
+from quota_proxy.store import UsageTotal
+from quota_proxy.views import account_summary, balance_view, key_summary, user_view
 
 USAGE_DAYS = 30
 TOP_USERS = 100  # /v1/me lists the app users who spent most; `quota-proxy usage` lists all
@@ -21,7 +23,7 @@ class AccountApi:
         self.s = services
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         data = [
             {
                 "id": r.alias,
@@ -39,7 +41,7 @@ class AccountApi:
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def balance(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         params = query(scope)
         money = self.s.money
         if "external_user_id" in params:
@@ -50,22 +52,10 @@ class AccountApi:
             return
         account = await self.s.store.account(key.account_id)
         assert account is not None
-        await send_json(
-            send,
-            200,
-            {
-                "object": "balance",
-                "account": account.name,
-                "balance": money.usd(account.balance),
-                "balance_quota_tokens": account.balance,
-                "held_quota_tokens": account.held,
-                "available": money.usd(account.available),
-                "available_quota_tokens": account.available,
-            },
-        )
+        await send_json(send, 200, balance_view(account, money))
 
     async def me(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: KeyRecord = scope["quota.key"]
+        key = caller_key(scope)
         money = self.s.money
         account = await self.s.store.account(key.account_id)
         assert account is not None
@@ -85,21 +75,8 @@ class AccountApi:
             200,
             {
                 "object": "me",
-                "account": {
-                    "id": account.public_id,
-                    "name": account.name,
-                    "balance": money.usd(account.balance),
-                    "balance_quota_tokens": account.balance,
-                    "available_quota_tokens": account.available,
-                },
-                "key": {
-                    "id": key.public_id,
-                    "prefix": key.prefix,
-                    "kind": key.kind,
-                    "name": key.name,
-                    "routes": list(key.routes) if key.routes is not None else None,
-                    "allow_community": key.allow_community,
-                },
+                "account": account_summary(account, money),
+                "key": key_summary(key),
                 "usage": {
                     "days": USAGE_DAYS,
                     **total.view(money),

@@ -7,43 +7,27 @@ transaction as the grant, so a replay answers with the first result and grants n
 
 from __future__ import annotations
 
-import hashlib
-import json
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
-from quota_proxy.api.common import Services, external_user_id, json_object, require_secret, user_view
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, header, read_body, send_json
+from quota_proxy.api.common import Services, external_user_id, require_secret
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, header, send_json
 from quota_proxy.errors import (
     BadRequest,
     IdempotencyConflict,
     InsufficientBalance,
     UserNotFound,
 )
-from quota_proxy.metering import Billing
-from quota_proxy.money import Money, parse_decimal
+from quota_proxy.grants import grant_request_hash
+from quota_proxy.json_body import read_object
+from quota_proxy.money import parse_decimal
+from quota_proxy.state import Billing, request_state
 from quota_proxy.store import IdempotencyMismatch, InsufficientFunds
+from quota_proxy.views import grant_view, user_view
 
 MAX_DESCRIPTION = 500
 MAX_IDEMPOTENCY_KEY = 255
 BILLING_MODES = ("user", "developer")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
-def parse_grant_body(body: bytes) -> dict[str, Any]:
-    """JSON with exact decimals: 0.1 stays 0.1, NaN and Infinity are refused."""
-    try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise BadRequest("The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return data
 
 
 class FundingApi:
@@ -53,8 +37,8 @@ class FundingApi:
 
     async def grant(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = require_secret(scope)
-        body = await read_body(scope, receive, self.s.settings.server.max_body_bytes)
-        data = parse_grant_body(body)
+        # Exact decimals: a grant of 0.1 dollars is 0.1, never 0.1000000000000000055.
+        data = await read_object(scope, receive, self.s.settings.server.max_body_bytes, exact=True)
         user_id = external_user_id(data.get("external_user_id"))
         amount = self._amount(data.get("amount", _MISSING))
         description = data.get("description")
@@ -80,7 +64,7 @@ class FundingApi:
                 available=short.available,
                 message="Your grant pool is too low for this grant.",
             ) from None
-        scope.setdefault("quota.log", {}).update(user=user_id, granted=amount, duplicate=duplicate)
+        request_state(scope).log.update(user=user_id, granted=amount, duplicate=duplicate)
         await send_json(send, 200, grant_view(facts, duplicate, self.s.money))
 
     def _amount(self, raw: Any) -> int:
@@ -114,7 +98,7 @@ class FundingApi:
     async def update_user(self, scope: Scope, receive: Receive, send: Send, user_id: str) -> None:
         key = require_secret(scope)
         name = external_user_id(user_id)
-        data = await json_object(scope, receive, self.s.settings.server.max_body_bytes)
+        data = await read_object(scope, receive, self.s.settings.server.max_body_bytes)
         unknown = set(data) - {"billing_mode"}
         if unknown:
             raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}.")
@@ -135,38 +119,14 @@ class FundingApi:
         if user is None:
             raise UserNotFound()
         payer = user.id if user.billing_mode == "user" else key.account_id
-        scope["quota.billing"] = Billing(key.account_id, payer, user.id)
-        scope.setdefault("quota.log", {})["user"] = user.name
+        state = request_state(scope)
+        state.billing = Billing(key.account_id, payer, user.id)
+        state.log["user"] = user.name
         scope["path"] = "/v1/chat/completions"
         await self.completions(scope, receive, send)
 
 
 _MISSING = object()
-
-
-def grant_request_hash(external_user_id: str, amount: int, description: str) -> str:
-    """What makes two grants "the same request" for an idempotency key."""
-    return hashlib.sha256(orjson.dumps([external_user_id, amount, description])).hexdigest()
-
-
-def grant_view(facts: dict[str, Any], duplicate: bool, money: Money) -> dict[str, Any]:
-    usd = money.usd
-    return {
-        "object": "funding.grant",
-        "external_user_id": facts["external_user_id"],
-        "amount_granted": usd(facts["amount"]),
-        "amount_granted_quota_tokens": facts["amount"],
-        "balance_before": usd(facts["balance_before"]),
-        "balance_before_quota_tokens": facts["balance_before"],
-        "balance_after": usd(facts["balance_after"]),
-        "balance_after_quota_tokens": facts["balance_after"],
-        "ledger_id": facts["ledger_id"],
-        "developer_ledger_id": facts["developer_ledger_id"],
-        "developer_balance_after": usd(facts["developer_balance_after"]),
-        "developer_balance_after_quota_tokens": facts["developer_balance_after"],
-        "description": facts["description"],
-        "duplicate": duplicate,
-    }
 
 
 def _idempotency_key(raw: bytes) -> str:

@@ -289,6 +289,11 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._one("SELECT 1 FROM accounts LIMIT 1")
 
+    async def sync(self) -> tuple[int, int]:
+        """Nothing to do: every commit is on disk when it returns (synchronous_commit = on,
+        which docs/postgres.md asks to keep)."""
+        return 0, 0
+
     async def backup(self, target: Path) -> int:
         raise StoreError(
             "backup copies a SQLite file; back up PostgreSQL with pg_dump (see docs/postgres.md)"
@@ -436,13 +441,22 @@ class PostgresStore:
         rows = await self._all(
             """
             SELECT a.id, a.kind, a.name, a.balance, a.held,
-                   coalesce(l.total, 0) AS ledger_sum, coalesce(h.total, 0) AS holds_sum
+                   coalesce(l.total, 0) AS ledger_sum, coalesce(h.total, 0) AS holds_sum,
+                   coalesce(u.unmatched, 0) AS unmatched
             FROM accounts a
             LEFT JOIN (SELECT account_id, sum(amount) AS total FROM ledger GROUP BY account_id) l
                 ON l.account_id = a.id
             LEFT JOIN (SELECT account_id, sum(amount) AS total FROM holds GROUP BY account_id) h
                 ON h.account_id = a.id
+            LEFT JOIN (
+                SELECT l.account_id, count(*) AS unmatched
+                FROM ledger l LEFT JOIN requests r ON r.request_id = l.request_id
+                WHERE l.kind = 'charge'
+                  AND (r.id IS NULL OR r.charged <> -l.amount OR r.charged_account_id <> l.account_id)
+                GROUP BY l.account_id
+            ) u ON u.account_id = a.id
             WHERE a.balance <> coalesce(l.total, 0) OR a.held <> coalesce(h.total, 0)
+               OR coalesce(u.unmatched, 0) > 0
             ORDER BY a.id
             """
         )
@@ -455,6 +469,7 @@ class PostgresStore:
                 "ledger_sum": int(r["ledger_sum"]),
                 "held": r["held"],
                 "open_holds": int(r["holds_sum"]),
+                "unmatched_charges": int(r["unmatched"]),
             }
             for r in rows
         ]

@@ -43,6 +43,10 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise unless the store answers now (readiness)."""
 
+    async def sync(self) -> tuple[int, int]:
+        """Put every commit so far on disk (the hold keeper calls it every tick); returns
+        what the engine reports (SQLite: WAL frames, frames checkpointed)."""
+
     async def backup(self, target: Path) -> int:
         """A consistent copy into a new file; engines without one raise StoreError."""
 

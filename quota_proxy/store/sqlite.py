@@ -11,6 +11,7 @@ See docs/reliability.md for what a power cut can cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -211,14 +212,17 @@ class SqliteStore:
         if tx is None:
             raise StoreError("the store is not open")
         async with self._tx_lock:
-            await tx.execute("BEGIN IMMEDIATE")
             try:
+                await tx.execute("BEGIN IMMEDIATE")
                 yield tx
             except BaseException:
-                if tx.in_transaction:
+                # Shielded, and queued behind whatever the connection's thread still runs
+                # (a cancelled BEGIN may yet execute), so no transaction outlives the lock.
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.OperationalError):
                     await tx.execute("ROLLBACK")
                 raise
-            await tx.execute("COMMIT")
+            with anyio.CancelScope(shield=True):
+                await tx.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         rows = await self.db.execute_fetchall(sql, tuple(params))
@@ -259,6 +263,17 @@ class SqliteStore:
                 columns = ", ".join(row)
                 marks = ", ".join("?" for _ in row)
                 await tx.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
+
+    async def sync(self) -> tuple[int, int]:
+        """Put every commit so far on disk: a passive checkpoint, which fsyncs the WAL first.
+
+        Charges commit with `synchronous = NORMAL`; calling this every few seconds (the hold
+        keeper's tick) bounds in time what a power cut can take back. Returns the WAL's
+        frames and how many of them the checkpoint copied into the database file.
+        """
+        rows = list(await self.db.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)"))
+        _busy, log, checkpointed = rows[0]
+        return int(log), int(checkpointed)
 
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")
@@ -371,19 +386,23 @@ class SqliteStore:
         return _ledger(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
-        """Accounts whose balance differs from the sum of their ledger, or whose held
-        amount differs from their open holds. Empty means the books reconcile."""
+        """Accounts whose balance differs from the sum of their ledger, whose held amount
+        differs from their open holds, or with charge entries that do not match their
+        request (missing, another amount, another payer). Empty means the books reconcile."""
         rows = await self._all(
             """
             SELECT a.id, a.kind, a.name, a.balance, a.held,
                    coalesce((SELECT sum(amount) FROM ledger WHERE account_id = a.id), 0),
-                   coalesce((SELECT sum(amount) FROM holds WHERE account_id = a.id), 0)
+                   coalesce((SELECT sum(amount) FROM holds WHERE account_id = a.id), 0),
+                   (SELECT count(*) FROM ledger l LEFT JOIN requests r ON r.request_id = l.request_id
+                    WHERE l.account_id = a.id AND l.kind = 'charge'
+                      AND (r.id IS NULL OR r.charged != -l.amount OR r.charged_account_id != a.id))
             FROM accounts a
             """
         )
         problems = []
-        for acc_id, kind, name, balance, held, ledger_sum, holds_sum in rows:
-            if balance != ledger_sum or held != holds_sum:
+        for acc_id, kind, name, balance, held, ledger_sum, holds_sum, unmatched in rows:
+            if balance != ledger_sum or held != holds_sum or unmatched:
                 problems.append(
                     {
                         "account_id": acc_id,
@@ -393,6 +412,7 @@ class SqliteStore:
                         "ledger_sum": ledger_sum,
                         "held": held,
                         "open_holds": holds_sum,
+                        "unmatched_charges": unmatched,
                     }
                 )
         return problems

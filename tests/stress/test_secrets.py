@@ -111,7 +111,7 @@ async def test_no_secret_in_logs_and_injection_is_inert(procs: ProcessSet, workd
                               and again.json()["ledger_id"] == first.json()["ledger_id"], again.json())
                 stored = query(db, "SELECT description FROM ledger WHERE public_id = ?", (first.json()["ledger_id"],))
                 checks.expect("the description is stored verbatim", stored == [(text,)], stored)
-                listed = gateway.cli_json("ledger", "list", "--account", "secrets", "--user", f"inj-user-{i}")
+                listed = gateway.cli_json("ledger", "list", "--account", "secrets", "--user", f"inj-user-{i}")["entries"]
                 checks.expect("`ledger list` shows it verbatim", any(e.get("description") == text for e in listed),
                               listed[:1])
             bad = await call("POST", "/v1/funding/grant", secret,
@@ -134,7 +134,7 @@ async def test_no_secret_in_logs_and_injection_is_inert(procs: ProcessSet, workd
         checks.expect("an injection account name is stored and listed verbatim", name in accounts, name)
         checks.expect("an injection key name is stored and listed verbatim",
                       any(k.get("name") == text and k.get("account") == name for k in keys), name)
-        entries = gateway.cli_json("ledger", "list", "--account", name)
+        entries = gateway.cli_json("ledger", "list", "--account", name)["entries"]
         checks.expect("an injection credit description is listed verbatim",
                       any(e.get("description") == text for e in entries), entries[:1])
         balance = gateway.cli_json("balance", "--account", name)

@@ -1,0 +1,181 @@
+"""One request's money as a small state machine: a hold is taken, then settled once.
+
+    (start) --take()--> HELD --settle(outcome, usage)--> SETTLED
+
+`take()` reserves the worst case (the prompt estimate plus every completion's output cap);
+in `overdraft = "cap"` mode it lowers the output cap until the hold fits. `settle()` writes
+the charge, releases the hold and records usage in one store statement; a second call is a
+no-op, so every exit path may call it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from quota_proxy.config import Limits, Route
+from quota_proxy.errors import InsufficientBalance, RateLimited
+from quota_proxy.inference_request import InferenceRequest, Kind
+from quota_proxy.state import Billing
+from quota_proxy.store import InsufficientFunds, Settlement, Store, TooManyInFlight
+from quota_proxy.store.models import Outcome
+
+HOLD_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+
+
+NO_USAGE = Usage(0, 0, False)
+
+
+class MeterState(Enum):
+    HELD = "held"
+    SETTLED = "settled"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldPolicy:
+    """The billing settings a hold depends on (swapped whole on reload)."""
+
+    overdraft_cap: bool
+    hold_ttl_ms: int
+    owner: str  # whose holds these are: the HoldKeeper refreshes its owner's
+
+
+class Meter:
+    """The money of one request: what was held, and the one settlement."""
+
+    __slots__ = ("store", "request", "route", "billing", "key_id", "request_id", "hold_id", "output_cap", "state", "log")
+
+    def __init__(
+        self,
+        store: Store,
+        request: InferenceRequest,
+        route: Route,
+        billing: Billing,
+        key_id: int | None,
+        request_id: str,
+        hold_id: int,
+        output_cap: int,
+        log: dict[str, Any],
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.route = route
+        self.billing = billing
+        self.key_id = key_id
+        self.request_id = request_id
+        self.hold_id = hold_id
+        self.output_cap = output_cap
+        self.state = MeterState.HELD
+        self.log = log
+
+    @classmethod
+    async def take(
+        cls,
+        store: Store,
+        policy: HoldPolicy,
+        request: InferenceRequest,
+        route: Route,
+        billing: Billing,
+        key_id: int | None,
+        request_id: str,
+        limits: Limits,
+        log: dict[str, Any],
+    ) -> Meter:
+        """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
+        mult = route.multiplier
+        cap = full_cap = output_cap(request, route)
+        account = billing.charged_account_id
+        available = 0
+        for _ in range(HOLD_ATTEMPTS):
+            amount = mult.charge(request.prompt_estimate + cap * request.choices)
+            started = time.perf_counter()
+            try:
+                hold_id = await store.take_hold(
+                    account,
+                    max(amount, 1),
+                    request_id,
+                    policy.owner,
+                    policy.hold_ttl_ms,
+                    key_id,
+                    limits.max_concurrent,
+                )
+            except InsufficientFunds as short:
+                available = short.available
+            except TooManyInFlight:
+                error = RateLimited(f"This key may have {limits.max_concurrent} requests in flight at once.")
+                error.headers.append((b"retry-after", b"1"))
+                raise error from None
+            else:
+                log["hold_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                return cls(store, request, route, billing, key_id, request_id, hold_id, cap, log)
+            if not policy.overdraft_cap or request.kind is Kind.EMBEDDINGS:
+                break
+            affordable = mult.affordable_tokens(available) - request.prompt_estimate
+            cap = min(cap, affordable // request.choices)
+            if cap < 1:
+                break
+        if policy.overdraft_cap:
+            minimum = request.prompt_estimate + (0 if request.kind is Kind.EMBEDDINGS else request.choices)
+            required = mult.charge(minimum)
+        else:
+            required = mult.charge(request.prompt_estimate + full_cap * request.choices)
+        raise InsufficientBalance(required=max(required, 1), available=available)
+
+    def charge(self, usage: Usage) -> int:
+        """The charge for this usage. Output past the cap the gateway sent is not billed:
+        the hold covered the cap, so an upstream that ignores max_tokens cannot overdraw."""
+        output = usage.output_tokens
+        if self.request.kind is not Kind.EMBEDDINGS:
+            output = min(output, self.output_cap * self.request.choices)
+        return self.route.multiplier.charge(usage.input_tokens + output)
+
+    async def settle(self, outcome: Outcome, usage: Usage, status: int) -> None:
+        """Charge for `usage` and release the hold, once."""
+        if self.state is MeterState.SETTLED:
+            return
+        self.state = MeterState.SETTLED
+        charged = self.charge(usage)
+        billing = self.billing
+        settlement = Settlement(
+            request_id=self.request_id,
+            account_id=billing.account_id,
+            charged_account_id=billing.charged_account_id,
+            user_id=billing.user_id,
+            key_id=self.key_id,
+            hold_id=self.hold_id,
+            route=self.route.alias,
+            upstream_model=self.route.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            multiplier=str(self.route.multiplier),
+            charged=charged,
+            estimated=usage.estimated,
+            outcome=outcome,
+            status=status,
+        )
+        self.log.update(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            charged=charged,
+            estimated=usage.estimated,
+            outcome=str(outcome),
+        )
+        started = time.perf_counter()
+        await self.store.settle(settlement)
+        self.log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+
+def output_cap(request: InferenceRequest, route: Route) -> int:
+    """The output cap sent upstream: the caller's, never above the route's."""
+    if request.kind is Kind.EMBEDDINGS:
+        return 0
+    return min(request.caller_cap or route.max_output_tokens, route.max_output_tokens)
