@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -88,3 +89,47 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+T = TypeVar("T")
+
+
+async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], Awaitable[T]]) -> T | None:
+    """Run work(send), cancelling it at once if the client disconnects before the reply's
+    final body message; None then. uvicorn's send() silently drops writes after a
+    disconnect, so only a concurrent receive() learns of it.
+
+    A plain task and a callback, not an anyio task group: this runs on every proxied
+    request, and cancel scopes cost more than the rest of the hop.
+    """
+    finished = False
+    left = False
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def tracked(message: Message) -> None:
+        nonlocal finished
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            finished = True
+        await send(message)
+
+    def on_receive(done: asyncio.Future[Message]) -> None:
+        nonlocal left
+        if done.cancelled() or done.exception() is not None or finished:
+            return
+        if done.result()["type"] == "http.disconnect":
+            left = True
+            task.cancel()
+
+    watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_receive)
+    try:
+        return await work(tracked)
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        task.uncancel()
+        return None
+    finally:
+        watcher.remove_done_callback(on_receive)
+        watcher.cancel()

@@ -16,7 +16,7 @@ import itertools
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import orjson
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes
+from quota_proxy.asgi import Receive, Scope, Send, send_bytes, until_disconnect
 from quota_proxy.runner import RunningServer, run_server
 
 Events = Iterator[tuple[bool, bytes]]
@@ -289,9 +289,7 @@ class FakeUpstream:
         except (TypeError, ValueError) as exc:
             await send_bytes(send, 400, _error(400, str(exc), "invalid_fake"))
             return
-        await _until_disconnect(
-            receive, send, lambda tracked: self._respond(endpoint, body or {}, plan, tracked)
-        )
+        await until_disconnect(receive, send, lambda tracked: self._respond(endpoint, body or {}, plan, tracked))
 
     async def _respond(self, endpoint: Endpoint, body: dict[str, Any], plan: _Plan, send: Send) -> None:
         await anyio.sleep(plan.options.first_byte_delay_s)
@@ -371,32 +369,6 @@ class FakeUpstream:
             await send_bytes(send, 200, b'{"ok":true}')
         else:
             await send_bytes(send, 404, _error(404, f"Invalid URL ({method} {path})", "unknown_url"))
-
-
-async def _until_disconnect(receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]]) -> None:
-    """Run ``work``, cancelling it when the client goes away.
-
-    uvicorn's send() silently drops writes after a disconnect, so only a concurrent
-    receive() learns of it. A disconnect after the final body message is the normal end.
-    """
-    finished = False
-
-    async def tracked(message: Message) -> None:
-        nonlocal finished
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            finished = True
-        await send(message)
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not finished:
-            group.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch)
-        await work(tracked)
-        group.cancel_scope.cancel()
 
 
 async def _deliver(send: Send, payload: bytes, fail: str | None) -> None:

@@ -39,7 +39,7 @@ class MeteringMiddleware:
         routes: RouteTable,
         keeper: HoldKeeper,
     ) -> None:
-        self.hop: Hop = app if isinstance(app, Hop) else AsgiHop(app)
+        self.hop: Hop | AsgiHop = app if isinstance(app, Hop) else AsgiHop(app)
         self.store = store
         self.routes = routes
         self.keeper = keeper

@@ -7,14 +7,13 @@ nothing about money; metering wraps it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error
+from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_error, until_disconnect
 from quota_proxy.config import Route, Upstream
 from quota_proxy.errors import QuotaError, UpstreamError, UpstreamTimeout
 from quota_proxy.http_client import (
@@ -131,41 +130,11 @@ class UpstreamProxy:
         self._cool_until: dict[str, float] = {}
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> HopResult:
-        finished = False
-        left = False
-        task = asyncio.current_task()
-        assert task is not None
-
-        async def send_until_final(message: Message) -> None:
-            nonlocal finished
-            if not message.get("more_body", False) and message["type"] == "http.response.body":
-                finished = True
-            await send(message)
-
-        def on_receive(done: asyncio.Future[Message]) -> None:
-            nonlocal left
-            if done.cancelled() or done.exception() is not None or finished:
-                return
-            if done.result()["type"] == "http.disconnect":
-                left = True
-                task.cancel()
-
-        # A plain task and a callback, not an anyio task group: this runs on every request,
-        # and cancel scopes cost more than the rest of the hop.
-        watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
-        watcher.add_done_callback(on_receive)
         state = request_state(scope)
-        try:
-            outcome = await self._exchange(scope, state, send_until_final, exchange)
-        except asyncio.CancelledError:
-            if not left:
-                raise
-            task.uncancel()
-            outcome = Outcome.CLIENT_DISCONNECTED
-        finally:
-            watcher.remove_done_callback(on_receive)
-            watcher.cancel()
-        return HopResult(outcome, state.upstream_s)
+        outcome = await until_disconnect(
+            receive, send, lambda tracked: self._exchange(scope, state, tracked, exchange)
+        )
+        return HopResult(outcome or Outcome.CLIENT_DISCONNECTED, state.upstream_s)
 
     def _candidates(self, route: Route) -> list[Upstream]:
         """The route's upstreams in order, those cooling down after a failure last."""
