@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import openai
@@ -172,7 +173,19 @@ class GatewayHarness:
         self._clients.append(client)
         return client
 
+    async def settled(self) -> None:
+        """On a server database, a settlement written just after the reply went out may not
+        have committed when the test reads: give in-flight settlements a moment (SQLite reads
+        queue behind them on the store's one connection)."""
+        if self.settings.store.url is None:
+            return
+        for _ in range(20):
+            if await self.store.open_holds() == 0:
+                return
+            await anyio.sleep(0.05)
+
     async def balance(self, name: str = "acme", user: str | None = None) -> int:
+        await self.settled()
         account = await admin.developer(self.store, name)
         if user is not None:
             account = await admin.app_user(self.store, account, user)
@@ -190,12 +203,14 @@ class GatewayHarness:
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         store = self.settings.store
         if store.url is None:
-            con = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+            # The store's own connection: the read queues behind settlements still being written.
+            db = self.store.db  # type: ignore[attr-defined]
+            db.row_factory = sqlite3.Row
             try:
-                con.row_factory = sqlite3.Row
-                return list(con.execute(sql, params).fetchall())
+                return list(await db.execute_fetchall(sql, params))
             finally:
-                con.close()
+                db.row_factory = None
+        await self.settled()
         numbered = iter(range(1, len(params) + 1))
         conn = await asyncpg.connect(store.url)
         try:
@@ -204,6 +219,7 @@ class GatewayHarness:
             await conn.close()
 
     async def verify(self) -> None:
+        await self.settled()
         assert await self.store.verify_ledger() == []
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -50,6 +50,7 @@ def assert_402(response: httpx.Response) -> dict[str, Any]:
 
 
 async def assert_books_clean(gateway: GatewayHarness) -> None:
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     account = await gateway.store.account_by_name("acme")
     assert account is not None and account.held == 0
@@ -170,6 +171,7 @@ async def test_overdraft_cap_lowers_max_tokens_to_what_the_balance_affords(gatew
         assert charged == mult * (5 + sent_cap)
         # ...so the balance never goes below zero.
         assert await gateway.balance(name) == balance - charged >= 0
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -261,6 +263,7 @@ async def test_no_holds_remain_after_requests_finish(gateway: GatewayHarness) ->
         )
     with pytest.raises(openai.APIStatusError):
         await client.chat.completions.create(model="quota/down", messages=messages())
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     account = await gateway.store.account_by_name("acme")
     assert account is not None
@@ -381,6 +384,8 @@ async def test_concurrent_requests_never_overspend(gateway: GatewayHarness) -> N
         assert request_id not in charge_ids
     assert set(charge_ids) == set(successes)
     assert sum(charged for rows in by_id.values() for charged in rows) == drop
+
+    await gateway.settled()
 
     assert await gateway.store.open_holds() == 0
     assert fresh.held == 0

@@ -177,6 +177,7 @@ async def test_usage_chunk_is_extended_when_the_caller_asked(gateway: GatewayHar
     assert usage_event["choices"] == []
     assert usage_event["usage"]["charged_quota_tokens"] == PROMPT_TOKENS + 8
     assert usage_event["usage"]["route_multiplier"] == "x1"
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -211,6 +212,7 @@ async def test_client_disconnect_stops_the_upstream_and_charges_what_was_produce
     assert row["estimated"] == 1
     assert row["outcome"] == "client_disconnected"
     assert FUNDS - await gateway.balance("acme") == row["charged"]
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -270,6 +272,7 @@ async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: Gatew
         async for chunk in stream:
             seen.append(chunk.choices[0].delta.content or "")
     assert "".join(seen) == "hello "
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -291,6 +294,7 @@ async def test_malformed_sse_passes_through_without_crashing(gateway: GatewayHar
     assert (await http.get("/healthz")).status_code == 200
     reply = await gateway.openai(key).chat.completions.create(model="quota/fast", messages=MESSAGES)
     assert reply.choices[0].message.content == EIGHT_WORDS
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -314,6 +318,7 @@ async def test_stream_without_usage_from_an_old_upstream_is_charged_an_estimate(
     assert row["charged"] == 3 * (row["input_tokens"] + row["output_tokens"])
     assert row["charged"] > 0
     assert FUNDS - await gateway.balance("acme") == row["charged"]
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -347,6 +352,7 @@ async def test_upstream_stalling_mid_stream_ends_with_a_timeout_event(
     assert last["error"]["code"] == "upstream_timeout"
     assert "[DONE]" not in payloads
     await settled_row(gateway, response.headers["x-quota-request-id"])
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     assert await gateway.balance("acme") >= 0
     await gateway.verify()
@@ -451,6 +457,7 @@ async def test_streams_from_other_upstream_shapes_keep_their_content(make_gatewa
                     assert usages == [], (alias, asked)
                 spent += 10  # metered from the upstream's usage either way
                 assert FUNDS - await gateway.balance("acme") == spent, (alias, asked)
+        await gateway.settled()
         assert await gateway.store.open_holds() == 0
         await gateway.verify()
 
