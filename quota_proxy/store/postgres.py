@@ -171,6 +171,7 @@ class PostgresStore:
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
                 max_inactive_connection_lifetime=60.0,
+                server_settings={"synchronous_commit": "off", "application_name": "quota-proxy"},
             )
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"{self.description}: {type(exc).__name__}: {exc}") from exc
@@ -230,7 +231,12 @@ class PostgresStore:
         return self._pool
 
     async def _run(
-        self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = False, again: bool = True
+        self,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        tx: bool = False,
+        again: bool = True,
+        durable: bool = False,
     ) -> T:
         """Run work on a pooled connection (in a transaction if tx); retry it whole on
         deadlock or serialization failure, at most TX_ATTEMPTS times; translate errors.
@@ -239,6 +245,11 @@ class PostgresStore:
         safe to repeat: reads, and writes keyed so a repeat is a no-op), a lost connection
         is retried once on a fresh one: after a database restart every pooled connection is
         dead, and the first request on each should not be the one to pay for it.
+
+        Connections commit with synchronous_commit = off (holds and charges: the WAL writer
+        puts them on disk within a fraction of a second, and the hold keeper's sync() every
+        tick); `durable` work (money coming in, accounts, keys, grants) commits with it on,
+        so it is on disk before the caller hears back. See docs/postgres.md.
         """
         lost_once = False
         for attempt in range(1, TX_ATTEMPTS + 1):
@@ -248,9 +259,11 @@ class PostgresStore:
                 # No connection at all (refused, timed out, database closed to connections).
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             try:
-                if not tx:
+                if not (tx or durable):
                     return await work(conn)
                 async with conn.transaction():
+                    if durable:
+                        await conn.execute("SET LOCAL synchronous_commit = on")
                     return await work(conn)
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate in _RETRY_SQLSTATES:
@@ -277,21 +290,23 @@ class PostgresStore:
                 await self.pool.release(conn)
         raise AssertionError("unreachable")
 
-    async def _one(self, sql: str, *args: Any, again: bool = True) -> Any:
-        return await self._run(lambda conn: conn.fetchrow(sql, *args), again=again)
+    async def _one(self, sql: str, *args: Any, again: bool = True, durable: bool = False) -> Any:
+        return await self._run(lambda conn: conn.fetchrow(sql, *args), again=again, durable=durable)
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
-    async def _execute(self, sql: str, *args: Any) -> str:
-        return await self._run(lambda conn: conn.execute(sql, *args))
+    async def _execute(self, sql: str, *args: Any, durable: bool = False) -> str:
+        return await self._run(lambda conn: conn.execute(sql, *args), durable=durable)
 
     async def ping(self) -> None:
         await self._one("SELECT 1 FROM accounts LIMIT 1")
 
     async def sync(self) -> tuple[int, int]:
-        """Nothing to do: every commit is on disk when it returns (synchronous_commit = on,
-        which docs/postgres.md asks to keep)."""
+        """Put every commit so far on disk: one synchronous commit flushes the WAL up to
+        itself, and with it every asynchronous commit (holds, charges) before it. Called by
+        the hold keeper every tick, this bounds in time what a database crash can take back."""
+        await self._run(lambda conn: conn.fetchval("SELECT txid_current()"), durable=True)
         return 0, 0
 
     async def backup(self, target: Path) -> int:
@@ -333,7 +348,7 @@ class PostgresStore:
                     f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
                 )
 
-        await self._run(work, tx=True, again=False)
+        await self._run(work, again=False, durable=True)
 
     async def account_count(self) -> int:
         row = await self._one("SELECT count(*) FROM accounts")
@@ -346,7 +361,7 @@ class PostgresStore:
             row = await self._one(
                 f"INSERT INTO accounts (public_id, kind, name, created_at) "
                 f"VALUES ($1, 'developer', $2, $3) RETURNING {_ACCOUNT_COLUMNS}",
-                new_id("acct"), name, now_ms(), again=False,
+                new_id("acct"), name, now_ms(), again=False, durable=True,
             )
         except asyncpg.UniqueViolationError:
             raise ValueError(f"an account named {name!r} already exists") from None
@@ -386,7 +401,8 @@ class PostgresStore:
 
     async def set_billing_mode(self, user_id: int, mode: str) -> None:
         await self._execute(
-            "UPDATE accounts SET billing_mode = $1 WHERE id = $2 AND kind = 'user'", mode, user_id
+            "UPDATE accounts SET billing_mode = $1 WHERE id = $2 AND kind = 'user'", mode, user_id,
+            durable=True,
         )
 
     # -- ledger -------------------------------------------------------------------------
@@ -398,7 +414,7 @@ class PostgresStore:
                 f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 f"description, created_at) VALUES ($1, $2, $3, 0, $4, $5, $6) "
                 f"RETURNING {_LEDGER_COLUMNS}",
-                new_id("ledg"), account_id, amount, kind, description, now_ms(), again=False,
+                new_id("ledg"), account_id, amount, kind, description, now_ms(), again=False, durable=True,
             )
         except (asyncpg.ForeignKeyViolationError, asyncpg.RaiseError):
             raise ValueError("no such account") from None
@@ -497,7 +513,7 @@ class PostgresStore:
             f"SELECT {_KEY_COLUMNS} FROM k JOIN accounts a ON a.id = k.account_id",
             new_id("key"), account_id, kind, name, digest, prefix,
             orjson.dumps(list(routes)).decode() if routes is not None else None,
-            allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent, again=False,
+            allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent, again=False, durable=True,
         )
         return _key(row)
 
@@ -528,7 +544,7 @@ class PostgresStore:
         if keys:
             await self._execute(
                 "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-                now_ms(), keys[0].id,
+                now_ms(), keys[0].id, durable=True,
             )
         return keys
 
@@ -793,7 +809,7 @@ class PostgresStore:
                 )
             return facts, False
 
-        return await self._run(work, tx=True, again=False)
+        return await self._run(work, again=False, durable=True)
 
     async def purge_idempotency(self, older_than_ms: int) -> int:
         status = await self._execute(
