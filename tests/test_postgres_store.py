@@ -223,3 +223,18 @@ async def test_a_hold_retried_for_the_same_request_is_the_same_hold(store: Postg
     assert await store.take_hold(account, 300, "req_1", "me", TTL_MS) == first
     assert await store.available(account) == 700
     assert await store.verify_ledger() == []
+
+
+async def test_a_connection_comes_back_from_the_pool_outside_any_transaction(url: str) -> None:
+    async with PostgresStore(url, pool_size=1) as store:
+
+        async def abandon(conn: asyncpg.Connection) -> None:
+            await conn.execute("BEGIN")
+
+        await store._run(abandon)
+        assert not await store._run(lambda conn: _in_transaction(conn))
+        assert await store._run(lambda conn: conn.fetchval("SHOW synchronous_commit")) == "off"
+
+
+async def _in_transaction(conn: asyncpg.Connection) -> bool:
+    return bool(conn.is_in_transaction())
