@@ -70,3 +70,17 @@ async def create_schema(url: str) -> None:
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
     finally:
         await conn.close()
+
+
+async def allow_connections(database: str, allow: bool) -> None:
+    """Close a database to every connection (and end the open ones), as an outage would; or
+    open it again."""
+    conn = await asyncpg.connect(ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+            )
+    finally:
+        await conn.close()

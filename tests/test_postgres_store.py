@@ -15,7 +15,7 @@ import pytest
 from quota_proxy.store import InsufficientFunds, Outcome, Settlement, StoreUnavailable
 from quota_proxy.store.postgres import PostgresStore, redact
 from tests.conftest import closed_port
-from tests.pgserver import create_schema, fresh_database, schema_url
+from tests.pgserver import allow_connections, create_schema, fresh_database, schema_url
 
 pytestmark = pytest.mark.anyio
 
@@ -238,3 +238,26 @@ async def test_a_connection_comes_back_from_the_pool_outside_any_transaction(url
 
 async def _in_transaction(conn: asyncpg.Connection) -> bool:
     return bool(conn.is_in_transaction())
+
+
+async def test_a_settlement_waits_out_an_outage_and_is_written_once(store: PostgresStore, url: str) -> None:
+    """The database goes away between the reply and its settlement: the settlement is kept
+    and written by the next keeper tick once the database is back, exactly once."""
+    account = await funded(store, 1000)
+    hold = await store.take_hold(account, 100, "req_1", "me", TTL_MS)
+    s = Settlement("req_1", account, account, None, None, hold, "quota/fast", "m", 3, 4, "x1", 7,
+                   False, Outcome.OK, 200)
+    database = url.partition("?")[0].rpartition("/")[2]
+    await allow_connections(database, False)
+    try:
+        assert await store.settle(s) is None  # queued, not raised into the response path
+        with pytest.raises(StoreUnavailable):
+            await store.refresh_holds("me", TTL_MS)
+    finally:
+        await allow_connections(database, True)
+    await store.refresh_holds("me", TTL_MS)
+    await store.refresh_holds("me", TTL_MS)
+    fresh = await store.account(account)
+    assert fresh is not None and (fresh.balance, fresh.held) == (993, 0)
+    assert [e.kind for e in await store.ledger(account)] == ["charge", "credit"]
+    assert await store.verify_ledger() == []

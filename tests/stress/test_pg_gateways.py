@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.pgserver import ADMIN_URL, fresh_database
+from tests.pgserver import allow_connections, fresh_database
 from tests.stress.harness import (
     Checks,
     FakeUpstreamProcess,
@@ -222,7 +222,7 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
                 await send(client, "POST", "/v1/chat/completions", key=key, body=body)
             forwarded_before = pair.upstream_requests()
             database = pair.url.rpartition("/")[2]
-            await _allow_connections(database, False)
+            await allow_connections(database, False)
             outage = [await send(c, "POST", "/v1/chat/completions", key=key, body=body) for c in both * 3]
             ready = [await send(c, "GET", "/readyz") for c in both]
             checks.expect("inference fails closed with 503 store_unavailable",
@@ -232,7 +232,7 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
                           [r.status for r in ready])
             checks.expect("nothing was forwarded during the outage",
                           pair.upstream_requests() == forwarded_before)
-            await _allow_connections(database, True)
+            await allow_connections(database, True)
             healed_after = None
             started = time.monotonic()
             while time.monotonic() - started < 15:
@@ -278,15 +278,3 @@ async def test_grants_revocation_outage_and_a_killed_gateway(procs: ProcessSet, 
             "grants": len(grants), "revocation_refused_after_s": refused_after,
             "healed_after_s": healed_after, "hold_released_after_s": released_after,
         })
-
-
-async def _allow_connections(database: str, allow: bool) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allow).lower()}')
-        if not allow:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
-            )
-    finally:
-        await conn.close()
