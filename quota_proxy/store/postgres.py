@@ -11,6 +11,7 @@ become StoreUnavailable, so callers fail closed; the pool reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -106,6 +107,12 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a connection that failed (the pool opens a fresh one in its place)."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # closed or given back already
+        conn.terminate()
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -286,19 +293,20 @@ class PostgresStore:
                     continue
                 if not isinstance(exc, _UNAVAILABLE):
                     raise
-                conn.terminate()
+                _discard(conn)
                 if again and not lost_once:
                     lost_once = True
                     continue
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             except (*_UNAVAILABLE, asyncpg.exceptions.InternalClientError) as exc:
-                conn.terminate()  # the pool replaces it with a fresh connection
+                _discard(conn)  # the pool replaces it with a fresh connection
                 if again and not lost_once:
                     lost_once = True
                     continue
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             finally:
-                await self.pool.release(conn)
+                with contextlib.suppress(asyncpg.InterfaceError):  # already given back
+                    await self.pool.release(conn)
         raise AssertionError("unreachable")
 
     async def _one(self, sql: str, *args: Any, again: bool = True, durable: bool = False) -> Any:
