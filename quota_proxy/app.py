@@ -20,10 +20,12 @@ from quota_proxy.api.account import AccountApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
+from quota_proxy.api.usage import UsageApi
 from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import ConfigError, Settings, default_config_path, load_settings
+from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
+from quota_proxy.dashboard import mount_dashboard
 from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamClient
@@ -50,19 +52,18 @@ class Gateway:
         http_client: UpstreamClient | None = None,
         reload_on_sighup: bool = False,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings(settings)
         self.reload_on_sighup = reload_on_sighup
         self.store = store or open_store(settings.store)
         self._own_client = http_client is None
         self.http_client = http_client or create_client()
-        self.keeper = HoldKeeper(self.store, settings.billing.hold_ttl_s)
-        self.routes = routes = RouteTable(settings.routes)
+        self.keeper = HoldKeeper(self.store, self.live)
+        self.routes = routes = RouteTable(self.live)
         keys = KeyCache(self.store)
         metrics = Metrics()
-        self.services = Services(settings, self.store, routes, settings.money, keys, metrics)
-        self.metering = inference = MeteringMiddleware(
-            UpstreamProxy(self.http_client), self.store, settings, routes, self.keeper
-        )
+        self.services = Services(self.live, self.store, routes, keys, metrics)
+        proxy = UpstreamProxy(self.http_client)
+        self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
@@ -73,6 +74,7 @@ class Gateway:
             "/v1/models": {"GET": account.models},
             "/v1/balance": {"GET": account.balance},
             "/v1/me": {"GET": account.me},
+            "/v1/usage": {"GET": UsageApi(self.services).usage},
             "/v1/packages": {"GET": account.packages},
             "/v1/funding/grant": {"POST": funding.grant},
             "/healthz": {"GET": ops.healthz},
@@ -86,8 +88,15 @@ class Gateway:
             "chat/completions": {"POST": funding.user_completion},
         }
         self._app: ASGIApp = RequestContextMiddleware(
-            AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), observers=(metrics.observe,)
+            mount_dashboard(
+                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
+            ),
+            observers=(metrics.observe,),
         )
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -132,14 +141,9 @@ class Gateway:
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return False
-        if new.store != self.settings.store:
-            logger.warning("reload: [store] changed; it takes effect at the next restart")
-        self.settings = new
-        self.routes.replace(new.routes)
-        self.services.settings = new
-        self.services.money = new.money
-        self.metering.configure(new)
-        self.keeper.hold_ttl_s = new.billing.hold_ttl_s
+        if new.store.path != self.settings.store.path:
+            logger.warning("reload: store.path changed; it takes effect at the next restart")
+        self.live.current = new
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
             new.source, len(new.routes), len(new.packages),
@@ -195,5 +199,6 @@ def app_from_environment() -> Any:
     single-process gateway reloads it on SIGHUP (with workers, uvicorn's supervisor turns
     SIGHUP into a rolling restart of the workers)."""
     settings = load_settings(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
-    configure_logging(os.environ.get("QUOTA_PROXY_LOG_LEVEL", "info"), settings.server.log_format)
+    log_level = os.environ.get("QUOTA_PROXY_LOG_LEVEL") or settings.server.log_level  # serve's --log-level
+    configure_logging(log_level, settings.server.log_format)
     return Gateway(settings, reload_on_sighup=True)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import orjson
 
 from quota_proxy import admin
 from quota_proxy.config import (
+    LOG_LEVELS,
     ConfigError,
     Limits,
     Settings,
@@ -26,9 +28,9 @@ from quota_proxy.config import (
     default_config_path,
     load_settings,
 )
-from quota_proxy.store import Store, StoreError, open_store
+from quota_proxy.store import DashboardStore, Store, StoreError, open_store, supports_dashboard
 from quota_proxy.store.copy import copy_store
-from quota_proxy.views import account_view, key_view, user_view
+from quota_proxy.views import account_view, iso_time, key_view, user_view
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -51,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return parser
 
-    p = cmd("serve", "run the gateway")
+    p = cmd("serve", "run the gateway; each flag overrides the [server] setting of the same name")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=_positive)
+    p.add_argument("--log-level", choices=LOG_LEVELS)
 
     p = cmd("demo", "run the gateway on a temporary store with a built-in demo upstream")
     p.add_argument("--host", default="127.0.0.1")
@@ -137,7 +139,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
+    _dashboard_parser(cmd)
     return parser
+
+
+def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    dashboard = cmd("dashboard", "web dashboard sign-ins").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = cmd("invite", "print a one-time, expiring link with which a person sets a dashboard password",
+            dashboard)
+    p.add_argument("--account", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", choices=["developer", "operator"], default="developer")
+    logins = cmd("logins", "people who can sign in to the dashboard", dashboard).add_subparsers(
+        dest="login_action", required=True, metavar="ACTION"
+    )
+    cmd("list", "logins with their account and role", logins)
+    p = cmd("disable", "stop a login from signing in and end its sessions (a new invitation enables it)",
+            logins)
+    p.add_argument("email", metavar="EMAIL")
+    sessions = cmd("sessions", "signed-in dashboard sessions", dashboard).add_subparsers(
+        dest="session_action", required=True, metavar="ACTION"
+    )
+    p = cmd("list", "live sessions, newest first", sessions)
+    p.add_argument("--email")
+    p = cmd("revoke", "end sessions: one by id, every session of an email, or all", sessions)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("session", nargs="?", metavar="SESSION_ID")
+    target.add_argument("--email")
+    target.add_argument("--all", action="store_true")
+
+
+SERVE_FLAGS = ("host", "port", "workers", "log_level")
+
+
+def with_serve_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """`serve --NAME` overrides the [server] setting of the same name (uvicorn's pattern)."""
+    given = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name, None) is not None}
+    return replace(settings, server=replace(settings.server, **given))
 
 
 def _positive(text: str) -> int:
@@ -179,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         from quota_proxy.serve import serve
 
-        serve(settings, config_path, host=args.host, port=args.port, workers=args.workers,
-              log_level=args.log_level)
+        serve(with_serve_flags(settings, args), config_path)
         return
     if args.command == "config":
         _print(as_json, _config_view(settings), _config_table)
@@ -417,11 +456,67 @@ async def _users_set_mode(args: argparse.Namespace, s: Settings, store: Store) -
     return data, lambda d: f"{d['external_user_id']}: billing mode {d['billing_mode']}\n"
 
 
+def _dashboard_store(store: Store) -> DashboardStore:
+    if not supports_dashboard(store):
+        raise admin.AdminError("the dashboard's sign-in and sessions exist only on the SQLite store so far")
+    return store  # type: ignore[return-value]
+
+
+@_handles("dashboard", "invite")
+async def _dashboard_invite(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
+    from quota_proxy.dashboard.invites import InviteError, invite, server_url
+
+    try:
+        created = await invite(store, s, args.account, args.email, args.role, server_url(s))
+    except InviteError as exc:
+        raise admin.AdminError(str(exc)) from None
+    inv = created.invitation
+    data = {"link": created.link, "email": inv.email, "account": inv.account_name, "role": inv.role.value,
+            "expires_at": iso_time(inv.expires_at)}
+    return data, lambda d: (
+        f"{d['link']}\n# one-time link for {d['email']} ({d['role']} of {d['account']}), "
+        f"valid until {d['expires_at']}: send it to them, it is not shown again\n"
+    )
+
+
+@_handles("dashboard", "logins")
+async def _dashboard_logins(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
+    if args.login_action == "disable":
+        if not await store.disable_login(args.email):
+            raise admin.AdminError(f"no dashboard login for {args.email!r}")
+        return {"disabled": args.email.lower()}, lambda d: f"disabled {d['disabled']}; its sessions ended\n"
+    data = [
+        {"email": x.email, "account": x.account_name, "role": x.role.value,
+         "created_at": iso_time(x.created_at), "disabled_at": iso_time(x.disabled_at)}
+        for x in await store.list_logins()
+    ]
+    return data, lambda d: _table(d, ["email", "account", "role", "created_at", "disabled_at"])
+
+
+@_handles("dashboard", "sessions")
+async def _dashboard_sessions(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
+    if args.session_action == "list":
+        data = [
+            {"id": x.public_id, "email": x.email, "account": x.account_name, "role": x.role.value,
+             "created_at": iso_time(x.created_at), "last_seen_at": iso_time(x.last_seen_at),
+             "expires_at": iso_time(x.expires_at), "address": x.address}
+            for x in await store.list_sessions(args.email)
+        ]
+        return data, lambda d: _table(d, ["id", "email", "account", "role", "created_at", "last_seen_at"])
+    count = await store.revoke_sessions(public_id=args.session, email=args.email, everyone=args.all)
+    if args.session and not count:
+        raise admin.AdminError(f"no live session {args.session!r} (see `quota-proxy dashboard sessions list`)")
+    return {"revoked": count}, lambda d: f"revoked {d['revoked']} session(s)\n"
+
+
 def _config_view(settings: Settings) -> dict[str, Any]:
     return {
         "ok": True,
         "config": str(settings.source) if settings.source else None,
-        "store": str(settings.store.path),
+        "store": open_store(settings.store).description,  # a URL is shown without its password
         "warnings": list(settings.warnings),
         "routes": [
             {"alias": r.alias, "upstream": ",".join(u.name for u in r.upstreams),

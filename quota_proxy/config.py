@@ -1,24 +1,36 @@
 """Settings as frozen dataclasses read from one TOML file.
 
+Each setting is written once, as a dataclass field: its name is the TOML key, its annotation
+the type checked, its default the default, and an `Annotated[..., Rule(...)]` any further
+limit; a field without a default is required. The loader adds only what ties keys together
+(route -> upstream names, secrets from the environment, paths relative to the file).
+
 Validation collects every problem, each named by its key path
 (`routes."quota/opus".multiplier: must be > 0`), so an operator fixes the file in one go.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
 OVERDRAFT_MODES = ("cap", "refuse")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "text")
+SECURE_COOKIES = ("auto", "always", "never")
 
 
 class ConfigError(Exception):
@@ -28,34 +40,73 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """What a TOML value must be, beyond its field's type (which comes from the annotation).
+    A field without a default is required."""
+
+    low: int | None = None  # integers: at least this
+    high: int | None = None  # integers: at most this
+    positive: bool = False  # numbers: > 0
+    choices: tuple[str, ...] = ()  # strings: one of these
+    url: bool = False  # strings: an http(s) URL, kept without its trailing "/"
+    in_file: bool = True  # False: not a key of the file; the loader fills it in
+
+
+NOT_IN_FILE = Rule(in_file=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 20_971_520
-    graceful_timeout_s: float = 30.0
+    port: Annotated[int, Rule(low=0, high=65535)] = 8080
+    workers: Annotated[int, Rule(low=1)] = 1
+    max_body_bytes: Annotated[int, Rule(low=1)] = 20_971_520
+    graceful_timeout_s: Annotated[float, Rule(positive=True)] = 30.0
+    # Slow and greedy clients (quota_proxy.http_protocol): a connection must finish its
+    # request headers this long after it opened (or its request began); headers past
+    # max_header_bytes are refused; requests on connections past max_connections get a 503.
+    header_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
+    max_header_bytes: Annotated[int, Rule(low=1024)] = 131_072
+    max_connections: Annotated[int, Rule(low=1)] = 2048
     metrics_token_env: str | None = None
-    metrics_token: str | None = field(default=None, repr=False)
-    log_format: str = "auto"
+    metrics_token: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
+    log_level: Annotated[str, Rule(choices=LOG_LEVELS)] = "info"
+    log_format: Annotated[str, Rule(choices=LOG_FORMATS)] = "auto"
+    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links.
+    public_url: Annotated[str | None, Rule(url=True)] = None
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    """The web dashboard: where it is mounted and how its sessions behave."""
+
+    enabled: bool = True
+    path: str = "/dashboard"  # not under /v1; kept without a trailing "/"
+    # "auto": Secure cookies over TLS or with an https public_url; "always"; "never".
+    secure_cookies: Annotated[str, Rule(choices=SECURE_COOKIES)] = "auto"
+    session_idle_minutes: Annotated[int, Rule(low=1)] = 60
+    session_max_hours: Annotated[int, Rule(low=1)] = 12
+    invitation_hours: Annotated[int, Rule(low=1)] = 72
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     """`path` picks SQLite (the default); `url` picks PostgreSQL and the rest tune it."""
 
-    path: Path = Path("quota.db")
-    url: str | None = None
+    path: Path = Path("quota.db")  # relative: to the config file's folder
+    url: str | None = None  # postgresql://user@host:5432/db (not together with path)
     password_env: str | None = None
-    password: str | None = field(default=None, repr=False)
-    pool_size: int = 10
-    connect_timeout_s: float = 5.0
-    command_timeout_s: float = 10.0
+    password: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
+    pool_size: Annotated[int, Rule(low=1, high=1000)] = 10  # connections per gateway process
+    connect_timeout_s: Annotated[float, Rule(positive=True)] = 5.0
+    command_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class BillingSettings:
-    quota_tokens_per_usd: int = 1_000_000
-    overdraft: str = "cap"
-    hold_ttl_s: int = 120
+    quota_tokens_per_usd: Annotated[int, Rule(low=1)] = 1_000_000
+    overdraft: Annotated[str, Rule(choices=OVERDRAFT_MODES)] = "cap"
+    hold_ttl_s: Annotated[int, Rule(low=10)] = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,35 +116,36 @@ class FundingSettings:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    name: str
-    base_url: str
+    name: Annotated[str, NOT_IN_FILE]
+    base_url: Annotated[str, Rule(url=True)]
     api_key_env: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    timeout_s: float = 600.0
-    connect_timeout_s: float = 10.0
-    cooldown_s: float = 30.0
+    api_key: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
+    timeout_s: Annotated[float, Rule(positive=True)] = 600.0
+    connect_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
+    cooldown_s: Annotated[float, Rule(positive=True)] = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-key limits; a key's own values win over its route's defaults. None: no limit."""
+    """Per-key limits; a key's own values win over its route's defaults. None: no limit.
+    In the file they are keys of the route's table."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
+    rpm: Annotated[int | None, Rule(low=1)] = None
+    tpm: Annotated[int | None, Rule(low=1)] = None
+    max_concurrent: Annotated[int | None, Rule(low=1)] = None
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    alias: str
-    upstreams: tuple[Upstream, ...]
+    alias: Annotated[str, NOT_IN_FILE]
+    upstreams: Annotated[tuple[Upstream, ...], NOT_IN_FILE]  # from `upstream` or `upstreams`
     model: str
-    multiplier: Multiplier
+    multiplier: Multiplier = Multiplier(Fraction(1))
     stream: bool = True
-    tier: str = "trusted"
-    max_output_tokens: int = 4096
+    tier: Annotated[str, Rule(choices=TIERS)] = "trusted"
+    max_output_tokens: Annotated[int, Rule(low=1)] = 4096
     description: str = ""
-    limits: Limits = Limits()
+    limits: Annotated[Limits, NOT_IN_FILE] = Limits()
 
     @property
     def upstream(self) -> Upstream:
@@ -104,9 +156,9 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class Package:
     id: str
-    name: str
     price_usd: Decimal
-    quota_tokens: int
+    quota_tokens: Annotated[int, Rule(low=1)]
+    name: str = ""  # default: the id
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,15 +167,26 @@ class Settings:
     store: StoreSettings = StoreSettings()
     billing: BillingSettings = BillingSettings()
     funding: FundingSettings = FundingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
-    source: Path | None = None
-    warnings: tuple[str, ...] = ()
+    source: Annotated[Path | None, NOT_IN_FILE] = None
+    warnings: Annotated[tuple[str, ...], NOT_IN_FILE] = ()
 
     @property
     def money(self) -> Money:
         return Money(self.billing.quota_tokens_per_usd)
+
+
+class LiveSettings:
+    """The running Settings behind one reference. A request reads `current` once and uses
+    that snapshot to the end, so a reload is one assignment and never mixes two files."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
 
 
 def default_config_path() -> Path:
@@ -153,157 +216,64 @@ def parse_settings(
     env: Mapping[str, str] | None = None,
     source: Path | None = None,
 ) -> Settings:
+    """Validate a parsed TOML document; ConfigError lists every problem. Keys, types and
+    defaults come from the dataclasses above; this adds only what ties keys together."""
     v = _Validator()
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
-    v.only_keys("", raw, {"server", "store", "billing", "funding", "upstreams", "routes", "packages"})
+    v.only_keys("", raw, _keys(Settings))
 
-    srv = v.table("server", raw.get("server"))
-    v.only_keys(
-        "server",
-        srv,
-        {"host", "port", "max_body_bytes", "graceful_timeout_s", "metrics_token_env", "log_format"},
-    )
-    metrics_env = srv.get("metrics_token_env")
-    metrics_token = None
-    if metrics_env is not None:
-        metrics_env = v.string("server.metrics_token_env", metrics_env)
-        metrics_token = env.get(metrics_env) or None
+    server = ServerSettings(**v.read("server", raw.get("server"), ServerSettings))
+    if server.metrics_token_env is not None:
+        metrics_token = env.get(server.metrics_token_env) or None
         if metrics_token is None:
-            v.warn("server.metrics_token_env", f"environment variable {metrics_env} is not set; "
+            v.warn("server.metrics_token_env", f"environment variable {server.metrics_token_env} is not set; "
                    "GET /metrics refuses every request until it is")
-    log_format = v.string("server.log_format", srv.get("log_format", "auto"))
-    if log_format not in ("auto", "json", "text"):
-        v.problem("server.log_format", 'must be "auto", "json" or "text"')
-    server = ServerSettings(
-        host=v.string("server.host", srv.get("host", "127.0.0.1")),
-        port=v.integer("server.port", srv.get("port", 8080), 0, 65535),
-        max_body_bytes=v.integer("server.max_body_bytes", srv.get("max_body_bytes", 20_971_520), 1),
-        graceful_timeout_s=v.number(
-            "server.graceful_timeout_s", srv.get("graceful_timeout_s", 30), positive=True
-        ),
-        metrics_token_env=metrics_env,
-        metrics_token=metrics_token,
-        log_format=log_format,
-    )
+        server = replace(server, metrics_token=metrics_token)
 
-    st = v.table("store", raw.get("store"))
-    v.only_keys(
-        "store", st,
-        {"path", "url", "password_env", "pool_size", "connect_timeout_s", "command_timeout_s"},
-    )
-    store_path = Path(v.string("store.path", st.get("path", "quota.db")))
-    if not store_path.is_absolute():
-        store_path = base_dir / store_path
-    store_url = st.get("url")
-    if store_url is not None:
-        store_url = v.string("store.url", store_url)
-        if "path" in st:
+    raw_store = raw.get("store")
+    store = StoreSettings(**v.read("store", raw_store, StoreSettings))
+    if not store.path.is_absolute():
+        store = replace(store, path=base_dir / store.path)
+    if store.url is not None:
+        if isinstance(raw_store, dict) and "path" in raw_store:
             v.problem("store.url", "give either store.path (SQLite) or store.url (PostgreSQL), not both")
-        if not store_url.startswith(("postgresql://", "postgres://")):
+        if not store.url.startswith(("postgresql://", "postgres://")):
             v.problem("store.url", 'must start with "postgresql://"')
-    password_env = st.get("password_env")
-    password = None
-    if password_env is not None:
-        password_env = v.string("store.password_env", password_env)
-        password = env.get(password_env) or None
+    if store.password_env is not None:
+        password = env.get(store.password_env) or None
         if password is None:
-            v.warn("store.password_env", f"environment variable {password_env} is not set")
-    store = StoreSettings(
-        path=store_path,
-        url=store_url,
-        password_env=password_env,
-        password=password,
-        pool_size=v.integer("store.pool_size", st.get("pool_size", 10), 1, 1000),
-        connect_timeout_s=v.number("store.connect_timeout_s", st.get("connect_timeout_s", 5), positive=True),
-        command_timeout_s=v.number("store.command_timeout_s", st.get("command_timeout_s", 10), positive=True),
-    )
-
-    bl = v.table("billing", raw.get("billing"))
-    v.only_keys("billing", bl, {"quota_tokens_per_usd", "overdraft", "hold_ttl_s"})
-    overdraft = v.string("billing.overdraft", bl.get("overdraft", "cap"))
-    if overdraft not in OVERDRAFT_MODES:
-        v.problem("billing.overdraft", 'must be "cap" or "refuse"')
-    billing = BillingSettings(
-        quota_tokens_per_usd=v.integer(
-            "billing.quota_tokens_per_usd", bl.get("quota_tokens_per_usd", 1_000_000), 1
-        ),
-        overdraft=overdraft,
-        hold_ttl_s=v.integer("billing.hold_ttl_s", bl.get("hold_ttl_s", 120), 10),
-    )
-
-    fd = v.table("funding", raw.get("funding"))
-    v.only_keys("funding", fd, {"max_grant_usd"})
-    max_grant = v.decimal("funding.max_grant_usd", fd.get("max_grant_usd", 10_000))
-    funding = FundingSettings(max_grant_usd=max_grant)
+            v.warn("store.password_env", f"environment variable {store.password_env} is not set")
+        store = replace(store, password=password)
+    billing = BillingSettings(**v.read("billing", raw.get("billing"), BillingSettings))
+    funding = FundingSettings(**v.read("funding", raw.get("funding"), FundingSettings))
+    dashboard = DashboardSettings(**v.read("dashboard", raw.get("dashboard"), DashboardSettings))
+    path = dashboard.path.rstrip("/")
+    if not path.startswith("/") or path == "/v1" or path.startswith("/v1/") or any(c in path for c in "?#% "):
+        v.problem("dashboard.path", 'must be a path such as "/dashboard" (not / and not under /v1)')
+    dashboard = replace(dashboard, path=path)
 
     upstreams: dict[str, Upstream] = {}
-    for name, up in v.table("upstreams", raw.get("upstreams")).items():
+    for name, table in v.table("upstreams", raw.get("upstreams")).items():
         p = f"upstreams.{_quote(name)}"
-        up = v.table(p, up)
-        v.only_keys(p, up, {"base_url", "api_key_env", "timeout_s", "connect_timeout_s", "cooldown_s"})
-        base_url = v.string(f"{p}.base_url", up.get("base_url"), required=True).rstrip("/")
-        if base_url and not base_url.startswith(("http://", "https://")):
-            v.problem(f"{p}.base_url", "must start with http:// or https://")
-        key_env = up.get("api_key_env")
-        api_key = None
+        fields = v.read(p, table, Upstream)
+        key_env = fields["api_key_env"]
         if key_env is not None:
-            key_env = v.string(f"{p}.api_key_env", key_env)
-            api_key = env.get(key_env) or None
-            if api_key is None:
+            fields["api_key"] = env.get(key_env) or None
+            if fields["api_key"] is None:
                 v.warn(f"{p}.api_key_env", f"environment variable {key_env} is not set; "
                        "requests go to this upstream without a key")
-        upstreams[name] = Upstream(
-            name=name,
-            base_url=base_url,
-            api_key_env=key_env,
-            api_key=api_key,
-            timeout_s=v.number(f"{p}.timeout_s", up.get("timeout_s", 600), positive=True),
-            connect_timeout_s=v.number(
-                f"{p}.connect_timeout_s", up.get("connect_timeout_s", 10), positive=True
-            ),
-            cooldown_s=v.number(f"{p}.cooldown_s", up.get("cooldown_s", 30), positive=True),
-        )
+        upstreams[name] = Upstream(name=name, **fields)
 
     routes: dict[str, Route] = {}
-    for alias, rt in v.table("routes", raw.get("routes")).items():
+    for alias, table in v.table("routes", raw.get("routes")).items():
         p = f"routes.{_quote(alias)}"
-        rt = v.table(p, rt)
-        v.only_keys(
-            p,
-            rt,
-            {"upstream", "upstreams", "model", "multiplier", "stream", "tier", "max_output_tokens",
-             "description", "rpm", "tpm", "max_concurrent"},
-        )
-        chosen = _route_upstreams(v, p, rt, upstreams)
-        try:
-            multiplier = Multiplier.parse(rt.get("multiplier", 1))
-        except ValueError as exc:
-            v.problem(f"{p}.multiplier", str(exc))
-            multiplier = Multiplier.parse(1)
-        tier = v.string(f"{p}.tier", rt.get("tier", "trusted"))
-        if tier not in TIERS:
-            v.problem(f"{p}.tier", 'must be "trusted" or "community"')
-        limits = Limits(
-            **{
-                name: v.integer(f"{p}.{name}", rt[name], 1) if name in rt else None
-                for name in ("rpm", "tpm", "max_concurrent")
-            }
-        )
+        table = v.table(p, table)
+        fields = v.read(p, table, Route, also=(Limits,), extra_keys=("upstream", "upstreams"))
+        limits = Limits(**v.read(p, table, Limits, check_keys=False))
+        chosen = _route_upstreams(v, p, table, upstreams)
         if chosen:
-            routes[alias] = Route(
-                alias=alias,
-                upstreams=chosen,
-                model=v.string(f"{p}.model", rt.get("model"), required=True),
-                multiplier=multiplier,
-                stream=v.boolean(f"{p}.stream", rt.get("stream", True)),
-                tier=tier,
-                max_output_tokens=v.integer(
-                    f"{p}.max_output_tokens", rt.get("max_output_tokens", 4096), 1
-                ),
-                description=v.string(f"{p}.description", rt.get("description", "")),
-                limits=limits,
-            )
+            routes[alias] = Route(alias=alias, upstreams=chosen, limits=limits, **fields)
 
     packages: list[Package] = []
     raw_packages = raw.get("packages", [])
@@ -311,22 +281,13 @@ def parse_settings(
         v.problem("packages", "must be an array of tables ([[packages]])")
         raw_packages = []
     seen_ids: set[str] = set()
-    for i, pk in enumerate(raw_packages):
+    for i, table in enumerate(raw_packages):
         p = f"packages[{i}]"
-        pk = v.table(p, pk)
-        v.only_keys(p, pk, {"id", "name", "price_usd", "quota_tokens"})
-        pid = v.string(f"{p}.id", pk.get("id"), required=True)
-        if pid in seen_ids:
-            v.problem(f"{p}.id", f"duplicate package id {pid!r}")
-        seen_ids.add(pid)
-        packages.append(
-            Package(
-                id=pid,
-                name=v.string(f"{p}.name", pk.get("name", pid)),
-                price_usd=v.decimal(f"{p}.price_usd", pk.get("price_usd"), required=True),
-                quota_tokens=v.integer(f"{p}.quota_tokens", pk.get("quota_tokens"), 1, required=True),
-            )
-        )
+        package = Package(**v.read(p, table, Package))
+        if package.id in seen_ids:
+            v.problem(f"{p}.id", f"duplicate package id {package.id!r}")
+        seen_ids.add(package.id)
+        packages.append(package if package.name else replace(package, name=package.id))
 
     if v.problems:
         raise ConfigError(v.problems)
@@ -335,6 +296,7 @@ def parse_settings(
         store=store,
         billing=billing,
         funding=funding,
+        dashboard=dashboard,
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),
@@ -378,6 +340,52 @@ def _quote(name: str) -> str:
     return name if bare else f'"{name}"'
 
 
+# -- reading a table into a dataclass's fields -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: Any  # int, float, str, bool, Path, Decimal, Multiplier, or a nested dataclass
+    optional: bool  # `X | None`: the file may leave it out, and then it is None
+    rule: Rule
+    default: Any  # MISSING: required
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[_Field, ...]:
+    """The fields of a settings dataclass that are keys of its TOML table."""
+    hints = get_type_hints(cls, include_extras=True)
+    found = []
+    for f in dataclasses.fields(cls):
+        hint, rule = hints[f.name], Rule()
+        if get_origin(hint) is Annotated:
+            hint, *extras = get_args(hint)
+            rule = next((x for x in extras if isinstance(x, Rule)), rule)
+        if not rule.in_file:
+            continue
+        args = get_args(hint)
+        optional = type(None) in args and get_origin(hint) in (UnionType, Union)
+        kind = next(a for a in args if a is not type(None)) if optional else hint
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = MISSING
+        found.append(_Field(f.name, kind, optional, rule, default))
+    return tuple(found)
+
+
+def _keys(cls: type) -> set[str]:
+    return {f.name for f in _fields(cls)}
+
+
+def _choices(choices: tuple[str, ...]) -> str:
+    quoted = [f'"{c}"' for c in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
 class _Validator:
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -388,6 +396,63 @@ class _Validator:
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
+
+    def read(
+        self,
+        path: str,
+        value: Any,
+        cls: type,
+        *,
+        also: tuple[type, ...] = (),
+        extra_keys: tuple[str, ...] = (),
+        check_keys: bool = True,
+    ) -> dict[str, Any]:
+        """The keyword arguments for `cls` from one TOML table (default where a key is
+        absent). `also`: classes whose keys share the table."""
+        table = self.table(path, value)
+        if check_keys:
+            allowed = _keys(cls).union(*(_keys(c) for c in also), extra_keys)
+            self.only_keys(path, table, allowed)
+        return {f.name: self.field(f"{path}.{f.name}", table, f) for f in _fields(cls)}
+
+    def field(self, path: str, table: Mapping[str, Any], f: _Field) -> Any:
+        if f.name not in table:
+            if f.default is MISSING:
+                self.problem(path, "is required")
+                return _PLACEHOLDERS.get(f.kind)
+            return f.default
+        value, rule, kind = table[f.name], f.rule, f.kind
+        if kind is bool:
+            return self.boolean(path, value)
+        if kind is int:
+            return self.integer(path, value, rule.low, rule.high)
+        if kind is float:
+            return self.number(path, value, positive=rule.positive)
+        if kind is Decimal:
+            return self.decimal(path, value)
+        if kind is Fraction:
+            return Fraction(self.decimal(path, value))
+        if kind is Multiplier:
+            try:
+                return Multiplier.parse(value)
+            except ValueError as exc:
+                self.problem(path, str(exc))
+                return _PLACEHOLDERS[Multiplier]
+        if get_origin(kind) is tuple:  # tuple[str, ...]: an array of strings
+            if not isinstance(value, list) or not all(isinstance(s, str) and s.strip() for s in value):
+                self.problem(path, "must be an array of non-empty strings")
+                return ()
+            return tuple(value)
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):  # a table of its own: [section.name]
+            return kind(**self.read(path, value, kind))
+        text = self.string(path, value, required=f.default is MISSING)
+        if rule.choices and text not in rule.choices:
+            self.problem(path, f"must be {_choices(rule.choices)}")
+        if rule.url:
+            text = text.rstrip("/")
+            if text and not text.startswith(("http://", "https://")):
+                self.problem(path, "must start with http:// or https://")
+        return Path(text) if kind is Path else text
 
     def only_keys(self, path: str, table: Mapping[str, Any], allowed: set[str]) -> None:
         for key in table:
@@ -404,10 +469,6 @@ class _Validator:
         return value
 
     def string(self, path: str, value: Any, required: bool = False) -> str:
-        if value is None:
-            if required:
-                self.problem(path, "is required")
-            return ""
         if not isinstance(value, str):
             self.problem(path, "must be a string")
             return ""
@@ -415,14 +476,7 @@ class _Validator:
             self.problem(path, "must not be empty")
         return value
 
-    def integer(
-        self, path: str, value: Any, low: int | None = None, high: int | None = None,
-        required: bool = False,
-    ) -> int:
-        if value is None:
-            if required:
-                self.problem(path, "is required")
-            return low or 0
+    def integer(self, path: str, value: Any, low: int | None = None, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(path, "must be an integer")
             return low or 0
@@ -446,11 +500,7 @@ class _Validator:
             return False
         return value
 
-    def decimal(self, path: str, value: Any, required: bool = False) -> Decimal:
-        if value is None:
-            if required:
-                self.problem(path, "is required")
-            return Decimal(0)
+    def decimal(self, path: str, value: Any) -> Decimal:
         try:
             dec = parse_decimal(value)
         except ValueError as exc:
@@ -459,3 +509,8 @@ class _Validator:
         if dec < 0:
             self.problem(path, "must be >= 0")
         return dec
+
+
+# A stand-in for a missing or invalid required value, so that reading goes on and every
+# problem is reported; the Settings are never built when there is one.
+_PLACEHOLDERS: dict[Any, Any] = {str: "", int: 0, float: 1.0, Decimal: Decimal(0), Multiplier: Multiplier(Fraction(1))}

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from quota_proxy.config import LiveSettings, Settings
 from quota_proxy.store import Store
 
 logger = logging.getLogger("quota_proxy.holds")
@@ -29,9 +30,9 @@ def new_owner() -> str:
 
 
 class HoldKeeper:
-    def __init__(self, store: Store, hold_ttl_s: int, owner: str | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings | LiveSettings, owner: str | None = None) -> None:
         self.store = store
-        self.hold_ttl_s = hold_ttl_s
+        self.live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
         self.owner = owner or new_owner()
 
     @contextlib.asynccontextmanager
@@ -48,7 +49,7 @@ class HoldKeeper:
     async def tick(self) -> None:
         """One round: refresh ours, release expired ones (a crashed process's), purge old records,
         and put the charges committed since the last round on disk."""
-        await self.store.refresh_holds(self.owner, self.hold_ttl_s * 1000)
+        await self.store.refresh_holds(self.owner, self.live.current.billing.hold_ttl_s * 1000)
         await self.store.release_expired_holds()
         await self.store.purge_idempotency(IDEMPOTENCY_TTL_MS)
         await self.store.purge_rate_windows()

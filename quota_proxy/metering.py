@@ -15,7 +15,7 @@ import time
 import anyio
 
 from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_error
-from quota_proxy.config import Limits, Settings
+from quota_proxy.config import Limits, LiveSettings, Settings
 from quota_proxy.errors import QuotaError, RateLimited, StreamNotSupported
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.inference_request import InferenceRequest, parse_inference_request
@@ -35,7 +35,7 @@ class MeteringMiddleware:
         self,
         app: Hop | ASGIApp,
         store: Store,
-        settings: Settings,
+        settings: Settings | LiveSettings,
         routes: RouteTable,
         keeper: HoldKeeper,
     ) -> None:
@@ -43,16 +43,19 @@ class MeteringMiddleware:
         self.store = store
         self.routes = routes
         self.keeper = keeper
-        self.configure(settings)
+        self.live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
+        self._policy: tuple[Settings, HoldPolicy] | None = None
 
-    def configure(self, settings: Settings) -> None:
-        """Take the settings a request reads (called again on reload)."""
-        self.max_body = settings.server.max_body_bytes
-        self.policy = HoldPolicy(
-            overdraft_cap=settings.billing.overdraft == "cap",
-            hold_ttl_ms=settings.billing.hold_ttl_s * 1000,
-            owner=self.keeper.owner,
-        )
+    def _hold_policy(self, settings: Settings) -> HoldPolicy:
+        """The hold policy of these settings (rebuilt only when a reload swapped them)."""
+        if self._policy is None or self._policy[0] is not settings:
+            policy = HoldPolicy(
+                overdraft_cap=settings.billing.overdraft == "cap",
+                hold_ttl_ms=settings.billing.hold_ttl_s * 1000,
+                owner=self.keeper.owner,
+            )
+            self._policy = (settings, policy)
+        return self._policy[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,10 +63,11 @@ class MeteringMiddleware:
                 await self.hop.app(scope, receive, send)
             return
         state = request_state(scope)
+        settings = self.live.current  # one snapshot for the whole request
         try:
-            body = await read_body(scope, receive, self.max_body)
+            body = await read_body(scope, receive, settings.server.max_body_bytes)
             request = parse_inference_request(scope["path"], body)
-            meter = await self._open(state, request)
+            meter = await self._open(state, request, self._hold_policy(settings))
         except QuotaError as error:
             await send_error(send, error)
             return
@@ -83,7 +87,7 @@ class MeteringMiddleware:
             else:
                 await settle
 
-    async def _open(self, state: RequestState, request: InferenceRequest) -> Meter:
+    async def _open(self, state: RequestState, request: InferenceRequest, policy: HoldPolicy) -> Meter:
         """Resolve the route, count the request against the key's limits, take the hold."""
         key = state.key
         if key is None:
@@ -100,7 +104,7 @@ class MeteringMiddleware:
         await self._check_rate(key.id, limits)
         billing = state.billing or Billing(key.account_id, key.account_id)
         return await Meter.take(
-            self.store, self.policy, request, route, billing, key.id, state.request_id, limits, state.log
+            self.store, policy, request, route, billing, key.id, state.request_id, limits, state.log
         )
 
     async def _check_rate(self, key_id: int, limits: Limits) -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from quota_proxy.config import Route
+from quota_proxy.config import LiveSettings, Route, Settings
 from quota_proxy.errors import ModelNotFound, PermissionDenied
 from quota_proxy.store.models import KeyRecord
 
 
 class RouteTable:
-    def __init__(self, routes: Mapping[str, Route]) -> None:
-        self.routes = dict(routes)
+    """The routes of the running settings (a LiveSettings: a reload shows at the next
+    lookup), or a fixed mapping."""
 
-    def replace(self, routes: Mapping[str, Route]) -> None:
-        self.routes = dict(routes)
+    def __init__(self, routes: Mapping[str, Route] | LiveSettings) -> None:
+        self.live = routes if isinstance(routes, LiveSettings) else LiveSettings(Settings(routes=dict(routes)))
+
+    @property
+    def routes(self) -> Mapping[str, Route]:
+        return self.live.current.routes
 
     def allowed(self, route: Route, key: KeyRecord) -> bool:
         if key.routes is not None and route.alias not in key.routes:

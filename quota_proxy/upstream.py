@@ -129,6 +129,11 @@ class UpstreamProxy:
         self.client = client
         self._cool_until: dict[str, float] = {}
 
+    def cooling_down(self) -> dict[str, float]:
+        """Upstreams tried last after a recent failure, with the seconds left (this process's view)."""
+        now = time.monotonic()
+        return {name: until - now for name, until in self._cool_until.items() if until > now}
+
     async def forward(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> HopResult:
         state = request_state(scope)
         outcome = await until_disconnect(

@@ -3,14 +3,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
+from typing import Annotated, get_args, get_type_hints
 
 import orjson
 import pytest
 
 from quota_proxy import ConfigError, create_app, load_settings
+from quota_proxy.cli import SERVE_FLAGS, build_parser, with_serve_flags
+from quota_proxy.config import (
+    BillingSettings,
+    FundingSettings,
+    Rule,
+    ServerSettings,
+    StoreSettings,
+    _Validator,
+)
 from tests.conftest import closed_port, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -207,7 +221,8 @@ async def test_the_example_config_passes_config_check(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOSTED_LLM_KEY": "test-key"},
+        # PYTHONPATH: the checkout, when the package is not installed (a no-op when it is)
+        env={"PATH": "/usr/bin:/bin", "HOSTED_LLM_KEY": "test-key", "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr
     data = orjson.loads(result.stdout)
@@ -223,3 +238,114 @@ async def test_the_example_config_passes_config_check(tmp_path: Path) -> None:
     multipliers = [float(r["multiplier"].removeprefix("x")) for r in data["routes"]]
     assert multipliers == sorted(multipliers) and len(set(multipliers)) == 6  # rising
     assert data["warnings"] == []  # every api_key_env is set here
+
+
+# -- each setting written once (issue 9, item 14) ---------------------------------------
+
+SECTIONS = {"server": ServerSettings, "store": StoreSettings, "billing": BillingSettings, "funding": FundingSettings}
+WRONG = {int: ('"x"', "must be an integer"), float: ('"x"', "must be a number"), bool: ('"x"', "must be true or false"),
+         str: ("1", "must be a string"), Path: ("1", "must be a string"), Decimal: ("true", "…")}
+
+
+def test_an_empty_file_gives_the_dataclass_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""))
+    assert settings.server == ServerSettings()
+    assert settings.billing == BillingSettings()
+    assert settings.funding == FundingSettings()
+    assert settings.store == StoreSettings(path=tmp_path / StoreSettings().path)
+
+
+def test_every_field_of_every_section_is_a_checked_key(tmp_path: Path) -> None:
+    """Keys, types and limits come from the dataclasses: a field added there is a key of the
+    file, checked by its type, with no second list to update."""
+    checked = 0
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "metrics_token":  # read from the environment, never from the file
+                problems = problems_of(tmp_path, f'[{section}]\n{f.name} = "x"\n')
+                assert any(p.startswith(f"{section}.{f.name}: unknown key") for p in problems)
+                continue
+            kind = next(k for k in WRONG if k in (hints[f.name], *get_args(hints[f.name])))
+            value, message = WRONG[kind]
+            problems = problems_of(tmp_path, f"[{section}]\n{f.name} = {value}\n")
+            expected = f"{section}.{f.name}: {message}"
+            assert matches(expected, problems), (expected, problems)
+            checked += 1
+    assert checked == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) - 1
+
+
+def test_new_server_settings_are_validated(tmp_path: Path) -> None:
+    text = (
+        "[server]\nworkers = 0\nlog_level = \"loud\"\nheader_timeout_s = 0\nmax_connections = 0\n"
+        "max_header_bytes = 10\n"
+    )
+    assert problems_of(tmp_path, text) == [
+        "server.workers: must be >= 1",
+        "server.header_timeout_s: must be > 0",
+        "server.max_header_bytes: must be >= 1024",
+        "server.max_connections: must be >= 1",
+        'server.log_level: must be "debug", "info", "warning" or "error"',
+    ]
+    settings = load_settings(write(tmp_path, "[server]\nworkers = 3\nlog_level = \"warning\"\nheader_timeout_s = 2.5\n"))
+    assert (settings.server.workers, settings.server.log_level, settings.server.header_timeout_s) == (3, "warning", 2.5)
+
+
+def test_serve_flags_override_the_server_settings_of_the_same_name(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[server]\nworkers = 3\nlog_level = "warning"\nport = 9000\n'))
+    flags = build_parser().parse_args(["serve", "--workers", "2", "--host", "0.0.0.0"])
+    server = with_serve_flags(settings, flags).server
+    assert (server.workers, server.host, server.log_level, server.port) == (2, "0.0.0.0", "warning", 9000)
+    assert with_serve_flags(settings, build_parser().parse_args(["serve"])) == settings
+    for name in SERVE_FLAGS:
+        assert name in {f.name for f in dataclasses.fields(ServerSettings)}
+
+
+async def test_reload_swaps_one_holder_that_every_reader_sees(tmp_path: Path) -> None:
+    config = write(tmp_path, VALID)
+    app = create_app(config)
+    before = app.live.current
+    config.write_text(
+        VALID.replace("price_usd = 5", "price_usd = 7").replace('overdraft = "cap"', "quota_tokens_per_usd = 2_000_000")
+        + '[routes."quota/new"]\nupstream = "local"\nmodel = "m"\n'
+    )
+    assert app.reload()
+    after = app.live.current
+    assert after is not before
+    assert app.settings is after and app.services.settings is after
+    assert "quota/new" in app.routes.routes and app.services.routes.routes is after.routes
+    assert app.services.money.quota_tokens_from_usd(Decimal(1)) == 2_000_000
+    assert [str(p.price_usd) for p in app.services.settings.packages] == ["7"]
+    config.write_text(VALID.replace("multiplier = 8", "multiplier = 0"))
+    assert not app.reload()
+    assert app.live.current is after  # a bad file changes nothing
+
+
+@dataclass(frozen=True, slots=True)
+class _Weights:
+    cache_read: Fraction = Fraction(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """A section with the other kinds of field the reader knows, for the settings to come."""
+
+    names: tuple[str, ...] = ()
+    link: Annotated[str | None, Rule(url=True)] = None
+    weights: _Weights = _Weights()
+    mode: Annotated[str, Rule(choices=("a", "b"))] = "a"
+
+
+def test_the_reader_knows_arrays_urls_fractions_and_nested_tables() -> None:
+    v = _Validator()
+    fields = v.read("x", {"names": ["m-*", "n"], "link": "https://h/p/", "weights": {"cache_read": 0.1}}, _Section)
+    assert v.problems == []
+    assert _Section(**fields) == _Section(("m-*", "n"), "https://h/p", _Weights(Fraction(1, 10)), "a")
+    v.read("x", {"names": ["", 3], "link": "ftp://h", "weights": {"cache_read": -1, "other": 1}, "mode": "c"}, _Section)
+    assert v.problems == [
+        "x.names: must be an array of non-empty strings",
+        "x.link: must start with http:// or https://",
+        "x.weights.other: unknown key (expected one of: cache_read)",
+        "x.weights.cache_read: must be >= 0",
+        'x.mode: must be "a" or "b"',
+    ]

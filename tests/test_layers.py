@@ -29,7 +29,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi",
+                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models",
             }
         ),
     ),
@@ -37,21 +37,24 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
     (
         "core",
         frozenset(
-            {"config", "asgi", "views", "state", "store", "store.sqlite", "store.postgres",
-             "store.protocol", "store.copy"}
+            {"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite",
+             "store.postgres", "store.protocol", "store.copy"}
         ),
     ),
-    # One job each on the request path, and the fake upstream the demo serves.
+    # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
-            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream"}
+            {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
+             "http_protocol"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
     # Operator actions (the CLI's backend) and what every endpoint shares.
     ("operations", frozenset({"admin", "api.common"})),
-    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops"})),
+    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage"})),
+    # The web dashboard: pages for people over the operations and endpoints below it.
+    ("dashboard", frozenset({"dashboard"})),
     ("app", frozenset({"app"})),
     # Processes and kits: may import anything below.
     ("entry points", frozenset({"", "__main__", "cli", "serve", "demo", "testing"})),

@@ -163,7 +163,7 @@ async def test_metering_middleware_wraps_my_own_app(tmp_path: Path, store: Store
 
     inner = MyModelServer()
     routes = RouteTable(settings.routes)
-    keeper = HoldKeeper(store, settings.billing.hold_ttl_s, owner="library-test")
+    keeper = HoldKeeper(store, settings, owner="library-test")
     metered = MeteringMiddleware(inner, store, settings, routes, keeper)
     app = RequestContextMiddleware(AuthMiddleware(metered, KeyCache(store)))
 

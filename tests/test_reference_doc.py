@@ -14,6 +14,7 @@ from quota_proxy import errors
 from quota_proxy.api.ops import NotReady
 from quota_proxy.cli import build_parser
 from quota_proxy.config import ConfigError, parse_settings
+from quota_proxy.http_protocol import HeadersTooLarge, Overloaded, RequestTimeout
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 TEXT = REFERENCE.read_text(encoding="utf-8")
@@ -68,7 +69,7 @@ def accepted_keys(section: str) -> set[str]:
     return set(listed.group(1).split(", "))
 
 
-SECTIONS = ("server", "store", "billing", "funding", "upstreams", "routes", "packages")
+SECTIONS = ("server", "store", "billing", "funding", "dashboard", "upstreams", "routes", "packages")
 
 
 def test_every_section_is_documented() -> None:
@@ -112,7 +113,8 @@ def test_every_command_is_documented() -> None:
 
 def test_every_error_code_is_in_the_error_table() -> None:
     table = TEXT.split("## Errors", 1)[1].split("\n## ", 1)[0]
-    classes = [errors.QuotaError, NotReady, *errors.QuotaError.__subclasses__()]
+    server = [HeadersTooLarge, RequestTimeout, Overloaded]  # answered by the HTTP layer itself
+    classes = [errors.QuotaError, NotReady, *server, *errors.QuotaError.__subclasses__()]
     for cls in classes:
         row = f"| {cls.status} | `{cls.code}` | `{cls.type}` |"
         assert row in table, f"{cls.__name__}: no row {row!r} in docs/reference.md"

@@ -322,3 +322,24 @@ async def test_a_newer_schema_is_refused(settings: StoreSettings, store: Store) 
     with pytest.raises(StoreError, match="newer"):
         async with open_store(settings):
             pass
+
+
+async def test_usage_is_summed_by_each_dimension(store: Store) -> None:
+    from quota_proxy.store.dashboard_models import UsageGroup
+
+    dev = await funded(store, 1000)
+    key = await store.create_key(dev, "live", digest("qta_live_u"), "qta_live_u", "ci")
+    await store.grant(dev, "alice", 100, "", None, "h")
+    alice = await store.user(dev, "alice")
+    assert alice is not None
+    for i, (user, session) in enumerate([(None, "s1"), (alice.id, "s1"), (alice.id, None)]):
+        s = settlement(f"req_{i}", dev, None, 5, key_id=key.id, session_id=session, cache_read_tokens=2)
+        object.__setattr__(s, "user_id", user)
+        await store.settle(s)
+    lines = {g: [(x.label, x.requests, x.charged, x.cache_read_tokens) for x in await store.usage_by(dev, g, 30)]
+             for g in UsageGroup}
+    assert lines[UsageGroup.ROUTE] == [("quota/fast", 3, 15, 6)]
+    assert [x[1:] for x in lines[UsageGroup.DAY]] == [(3, 15, 6)]
+    assert lines[UsageGroup.USER] == [("", 1, 5, 2), ("alice", 2, 10, 4)]
+    assert lines[UsageGroup.KEY] == [("qta_live_u ci", 3, 15, 6)]
+    assert lines[UsageGroup.SESSION] == [("s1", 2, 10, 4)]

@@ -226,7 +226,7 @@ async def test_a_v3_store_migrates_with_its_history_intact(tmp_path: Path) -> No
     path = tmp_path / "old.db"
     _create_v3(path)
     async with SqliteStore(path) as store:
-        assert (await store._one("PRAGMA user_version"))[0] == len(MIGRATIONS) == 4
+        assert (await store._one("PRAGMA user_version"))[0] == len(MIGRATIONS) == 5
         outcomes = await store._all("SELECT request_id, outcome, cache_read_tokens, session_id FROM requests")
         assert outcomes == [("req_1", "ok", 0, None), ("req_2", "upstream_rejected", 0, None)]
         entries = await store.ledger(1)

@@ -330,11 +330,13 @@ async def test_stall_after_headers_until_the_client_leaves(fake: RunningUpstream
     await eventually(lambda: fake.app.stats["streams_cancelled"] == 1)
     assert fake.app.stats["streams_completed"] == 0
 
-    async with httpx.AsyncClient(base_url=fake.url, timeout=httpx.Timeout(5, read=0.2)) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=body | {"stream": False}) as response:
-            assert response.status_code == 200
-            with pytest.raises(httpx.ReadTimeout):
-                await response.aread()
+    async with (
+        httpx.AsyncClient(base_url=fake.url, timeout=httpx.Timeout(5, read=0.2)) as http,
+        http.stream("POST", "/v1/chat/completions", json=body | {"stream": False}) as response,
+    ):
+        assert response.status_code == 200
+        with pytest.raises(httpx.ReadTimeout):
+            await response.aread()
 
 
 @pytest.mark.anyio

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 
 from quota_proxy.asgi import Scope
 from quota_proxy.auth import KeyCache
-from quota_proxy.config import Settings
+from quota_proxy.config import LiveSettings, Settings
 from quota_proxy.errors import BadRequest, PermissionDenied
 from quota_proxy.grants import EXTERNAL_USER_ID
 from quota_proxy.keys import KIND_SECRET
@@ -21,12 +21,19 @@ from quota_proxy.store import KeyRecord, Store
 
 @dataclass(slots=True)
 class Services:
-    settings: Settings
+    live: LiveSettings
     store: Store
     routes: RouteTable
-    money: Money
     keys: KeyCache
     metrics: Metrics
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
+
+    @property
+    def money(self) -> Money:
+        return self.live.current.money
 
 
 def query(scope: Scope) -> dict[str, str]:

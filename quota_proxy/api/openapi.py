@@ -163,6 +163,26 @@ OPENAPI: dict[str, Any] = {
             )
         },
         "/v1/me": {"get": _op("Account, key and 30-day usage.", {**_json(ANY_OBJECT), **_errors(401)})},
+        "/v1/usage": {
+            "get": _op(
+                "Usage summed per day, route, key, app user or agent session, as JSON or CSV.",
+                {
+                    "200": {
+                        "description": "OK",
+                        "content": {"application/json": {"schema": ANY_OBJECT},
+                                    "text/csv": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400, 401),
+                },
+                parameters=[
+                    {"name": "group_by", "in": "query", "required": False,
+                     "schema": {"enum": ["day", "route", "key", "user", "session"]}},
+                    {"name": "days", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 366}},
+                    {"name": "format", "in": "query", "required": False, "schema": {"enum": ["json", "csv"]}},
+                ],
+            )
+        },
         "/v1/packages": {"get": _op("Purchasable packages, cheapest first.", _json(ANY_OBJECT), public=True)},
         "/v1/funding/grant": {
             "post": _op(

@@ -32,6 +32,16 @@ if TYPE_CHECKING:  # both engines satisfy the protocol, checked by mypy
     from quota_proxy.store.sqlite import SqliteStore
 
     _engines: tuple[type[Store], ...] = (SqliteStore, PostgresStore)
+    # A store with the dashboard's queries (sign-in, invitations, sessions, reports); only
+    # the SQLite engine has them so far: see supports_dashboard().
+    DashboardStore = SqliteStore
+else:
+    DashboardStore = Store
+
+
+def supports_dashboard(store: Store) -> bool:
+    """Whether this store has the dashboard's queries (the PostgreSQL store does not yet)."""
+    return hasattr(store, "create_session")
 
 
 def open_store(settings: StoreSettings) -> Store:
@@ -61,6 +71,7 @@ __all__ = [
     "LedgerPage",
     "Outcome",
     "Settlement",
+    "DashboardStore",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -70,4 +81,5 @@ __all__ = [
     "UsageTotal",
     "billed_tokens",
     "open_store",
+    "supports_dashboard",
 ]

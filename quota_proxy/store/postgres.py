@@ -11,6 +11,7 @@ become StoreUnavailable, so callers fail closed; the pool reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import logging
 import random
@@ -25,6 +26,7 @@ import asyncpg
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.models import (
     Account,
     ChargeDetails,
@@ -744,6 +746,50 @@ class PostgresStore:
             )
 
         return await self._run(work)
+
+    async def usage_by(self, account_id: int, group: UsageGroup, days: int) -> list[UsageLine]:
+        """Usage of the last `days` days (UTC, today included) summed by one dimension (GET
+        /v1/usage): day and route from the per-account roll-up, user from the per-user one,
+        key and agent session from the request rows of the period."""
+        since = _since(days)
+        sums = (
+            "sum(requests), sum(input_tokens), sum(cache_read_tokens), "
+            "sum(cache_write_tokens + cache_write_1h_tokens), sum(output_tokens), sum(charged)"
+        )
+        request_sums = (
+            "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
+            "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
+        )
+        start_ms = calendar.timegm(time.strptime(since, "%Y-%m-%d")) * 1000
+        if group is UsageGroup.DAY or group is UsageGroup.ROUTE:
+            column = group.value
+            rows = await self._all(
+                f"SELECT {column}, {sums} FROM usage_totals WHERE account_id = $1 AND day >= $2 "
+                f"GROUP BY {column} ORDER BY {column}",
+                account_id, since,
+            )
+        elif group is UsageGroup.USER:
+            rows = await self._all(
+                f"SELECT coalesce(usr.name, ''), {sums} FROM usage_daily u "
+                "LEFT JOIN accounts usr ON usr.id = u.user_id AND u.user_id <> 0 "
+                "WHERE u.account_id = $1 AND u.day >= $2 GROUP BY u.user_id, usr.name ORDER BY 1",
+                account_id, since,
+            )
+        elif group is UsageGroup.KEY:
+            rows = await self._all(
+                f"SELECT coalesce(k.prefix || ' ' || k.name, k.prefix, ''), {request_sums} "
+                "FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id "
+                "WHERE r.account_id = $1 AND r.created_at >= $2 GROUP BY r.key_id, k.prefix, k.name ORDER BY 1",
+                account_id, start_ms,
+            )
+        else:
+            rows = await self._all(
+                f"SELECT r.session_id, {request_sums} FROM requests r "
+                "WHERE r.account_id = $1 AND r.session_id IS NOT NULL AND r.created_at >= $2 "
+                "GROUP BY r.session_id ORDER BY min(r.created_at)",
+                account_id, start_ms,
+            )
+        return [UsageLine(str(r[0]).strip(), *(int(v) for v in tuple(r)[1:])) for r in rows]
 
     # -- funding ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
+from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.models import (
     Account,
     KeyRecord,
@@ -164,6 +165,9 @@ class Store(Protocol):
     async def usage(self, account_id: int, days: int = 30, user_id: int | None = None) -> list[UsageRow]: ...
 
     async def usage_summary(self, account_id: int, days: int = 30, top_users: int = 100) -> UsageSummary: ...
+
+    async def usage_by(self, account_id: int, group: UsageGroup, days: int) -> list[UsageLine]:
+        """Usage of the last `days` days summed by day, route, key, app user or agent session."""
 
     # -- funding ------------------------------------------------------------------------
 

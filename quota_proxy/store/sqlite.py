@@ -25,6 +25,7 @@ import anyio
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.dashboard_sqlite import DashboardQueries
 from quota_proxy.store.models import (
     Account,
     ChargeDetails,
@@ -42,7 +43,7 @@ from quota_proxy.store.models import (
     UsageTotal,
 )
 
-MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql")
+MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql", "schema_v5.sql")
 BUSY_TIMEOUT_MS = 30_000
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 
@@ -158,7 +159,7 @@ def _ledger(row: Any) -> LedgerEntry:
                        idempotency_key, related_id, description, created_at, charge)
 
 
-class SqliteStore:
+class SqliteStore(DashboardQueries):
     """The store interface over one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:

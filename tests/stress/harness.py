@@ -7,6 +7,7 @@ Form: ``QUOTA_STRESS=full`` runs the release-check counts; anything else (the de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -239,10 +240,8 @@ class Process:
     def signal_group(self, sig: int) -> None:
         if self.popen is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def wait(self, timeout: float) -> int | None:
         assert self.popen is not None

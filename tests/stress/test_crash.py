@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
+
 import anyio
 import httpx
 import pytest
@@ -173,7 +174,7 @@ async def test_sigkill_mid_stream(procs: ProcessSet, workdir: Path) -> None:
         deadline = time.monotonic() + (expiry_ms - now_ms()) / 1000 + KEEPER_INTERVAL_S * 2 + 5
         released_at = None
         while time.monotonic() < deadline:
-            left = query(db, "SELECT count(*) FROM holds WHERE owner IN (%s)" % ",".join("?" * len(dead_owners)),
+            left = query(db, f"SELECT count(*) FROM holds WHERE owner IN ({','.join('?' * len(dead_owners))})",
                          dead_owners)[0][0] if dead_owners else 0
             if left == 0:
                 released_at = now_ms()
@@ -193,8 +194,8 @@ async def test_sigkill_mid_stream(procs: ProcessSet, workdir: Path) -> None:
     ledger_final = {r[0] for r in query(db, "SELECT public_id FROM ledger")}
     checks.expect("charges committed before the kill survive the restart", ledger_at_kill <= ledger_final,
                   len(ledger_at_kill - ledger_final))
-    killed_charged = query(db, "SELECT count(*) FROM requests WHERE request_id IN (%s)"
-                           % ",".join("?" * len(killed_ids)), sorted(killed_ids))[0][0] if killed_ids else 0
+    killed_charged = query(db, "SELECT count(*) FROM requests WHERE request_id IN "
+                           f"({','.join('?' * len(killed_ids))})", sorted(killed_ids))[0][0] if killed_ids else 0
 
     checks.finish({
         "streams_in_flight_at_kill": in_flight,

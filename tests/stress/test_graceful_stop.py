@@ -120,8 +120,8 @@ async def test_sigterm_lets_streams_finish(procs: ProcessSet, workdir: Path) -> 
                       (r.status, r.error, events[-2:]))
         checks.expect("no stream ends with an error event", not any('"error"' in e for e in events), events[-2:])
     ids = [r.request_id for r in replies if r.request_id]
-    rows = query(db, "SELECT request_id, outcome, charged FROM requests WHERE request_id IN (%s)"
-                 % ",".join("?" * len(ids)), ids) if ids else []
+    rows = query(db, "SELECT request_id, outcome, charged FROM requests WHERE request_id IN "
+                 f"({','.join('?' * len(ids))})", ids) if ids else []
     checks.expect("every stream is settled (one requests row each, outcome ok, charged)",
                   len(rows) == STREAMS and all(o == "ok" and c > 0 for _, o, c in rows), (len(rows), STREAMS))
     holds = query(db, "SELECT count(*) FROM holds")[0][0]

@@ -141,7 +141,7 @@ async def test_overspend_race(procs: ProcessSet, workdir: Path) -> None:
     served = Counter()
     refused = Counter()
     answered_ids = set()
-    for p, reply in zip(plan, replies):
+    for p, reply in zip(plan, replies, strict=False):
         assert reply is not None
         kind = ("stream" if p["stream"] else "whole")
         if reply.status == 200:

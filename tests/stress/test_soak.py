@@ -113,11 +113,10 @@ async def test_soak(procs: ProcessSet, workdir: Path) -> None:
             await anyio.sleep(SAMPLE_EVERY_S)
 
     with anyio.fail_after(SOAK_S + 120):
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(sampler)
-                for n in range(CALLERS):
-                    tg.start_soon(caller, n, client)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client, anyio.create_task_group() as tg:
+            tg.start_soon(sampler)
+            for n in range(CALLERS):
+                tg.start_soon(caller, n, client)
     await anyio.sleep(2)
     samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(gateway.rss() / 2**20, 2),
                     "fds": gateway.fds(), "requests": sum(statuses.values())})
