@@ -458,7 +458,7 @@ async def _users_set_mode(args: argparse.Namespace, s: Settings, store: Store) -
 
 def _dashboard_store(store: Store) -> DashboardStore:
     if not supports_dashboard(store):
-        raise admin.AdminError("the dashboard's sign-in and sessions exist only on the SQLite store so far")
+        raise admin.AdminError("this store has no dashboard sign-in and sessions")
     return store  # type: ignore[return-value]
 
 

@@ -38,7 +38,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "core",
         frozenset(
             {"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite",
-             "store.postgres", "store.protocol", "store.copy"}
+             "store.postgres", "store.protocol", "store.copy", "store.dashboard_postgres"}
         ),
     ),
     # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.

@@ -167,7 +167,7 @@ def mount_dashboard(gateway: ASGIApp, services: Services, cooldowns: Cooldowns =
     if not settings.enabled:
         return gateway
     if not supports_dashboard(services.store):
-        logger.warning("the dashboard is off: its queries exist only for the SQLite store so far")
+        logger.warning("the dashboard is off: this store has no dashboard queries")
         return gateway
     dashboard = _SecurityHeaders(create_dashboard(services, cooldowns))
     return _PrefixDispatch(gateway, dashboard, settings.path)

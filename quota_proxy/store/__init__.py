@@ -32,15 +32,16 @@ if TYPE_CHECKING:  # both engines satisfy the protocol, checked by mypy
     from quota_proxy.store.sqlite import SqliteStore
 
     _engines: tuple[type[Store], ...] = (SqliteStore, PostgresStore)
-    # A store with the dashboard's queries (sign-in, invitations, sessions, reports); only
-    # the SQLite engine has them so far: see supports_dashboard().
+    # A store with the dashboard's queries (sign-in, invitations, sessions, reports): both
+    # engines have them (PostgreSQL by delegation, which mypy does not see), typed as SQLite's.
     DashboardStore = SqliteStore
 else:
     DashboardStore = Store
 
 
 def supports_dashboard(store: Store) -> bool:
-    """Whether this store has the dashboard's queries (the PostgreSQL store does not yet)."""
+    """Whether this store has the dashboard's queries (both engines do; a store passed in
+    by a library user might not)."""
     return hasattr(store, "create_session")
 
 

@@ -27,6 +27,7 @@ import orjson
 
 from quota_proxy.keys import new_id
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
+from quota_proxy.store.dashboard_postgres import DASHBOARD_METHODS, PostgresDashboardQueries
 from quota_proxy.store.models import (
     Account,
     ChargeDetails,
@@ -47,7 +48,7 @@ from quota_proxy.store.models import (
 
 logger = logging.getLogger("quota_proxy.store")
 
-MIGRATIONS = ("pg_schema_v1.sql",)
+MIGRATIONS = ("pg_schema_v1.sql", "pg_schema_v2.sql")
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 _BOOLEANS = frozenset({"estimated", "allow_community"})
 MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time across gateways
@@ -173,6 +174,7 @@ class PostgresStore:
         # Settlements whose connection died on every attempt: written by the next
         # refresh_holds (the hold keeper), keyed by request id so none is written twice.
         self._unsettled: dict[str, Settlement] = {}
+        self._dashboard = PostgresDashboardQueries(self)
 
     @property
     def description(self) -> str:
@@ -885,3 +887,16 @@ class PostgresStore:
 
 def _since(days: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86400))
+
+
+def _delegate(name: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: PostgresStore, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(self._dashboard, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# The dashboard's sign-in, session and report queries (store/dashboard_postgres.py).
+for _name in DASHBOARD_METHODS:
+    setattr(PostgresStore, _name, _delegate(_name))
