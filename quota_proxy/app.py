@@ -16,12 +16,16 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from quota_proxy.agents import AgentApi, AnthropicErrorShape, anthropic_models
+from quota_proxy.alerts import AlertDispatcher
 from quota_proxy.api.account import AccountApi
+from quota_proxy.api.alerts import AlertsApi
 from quota_proxy.api.common import Services
 from quota_proxy.api.funding import FundingApi
 from quota_proxy.api.ops import OpsApi
+from quota_proxy.api.payments import PaymentsApi
 from quota_proxy.api.usage import UsageApi
-from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
+from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, header, send_error
 from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
@@ -32,13 +36,20 @@ from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.metrics import Metrics
+from quota_proxy.payments.checkout import Checkout
+from quota_proxy.payments.stripe_checkout import StripeCheckout
 from quota_proxy.routing import RouteTable
-from quota_proxy.store import Store, open_store
+from quota_proxy.store import Store, open_store, supports_payments
+from quota_proxy.store.alerts import AlertStore
+from quota_proxy.store.payments import PaymentStore
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json"})
+# /api/hello: Claude Code's reachability probe of its base URL (HEAD and GET).
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/packages", "/openapi.json", "/api/hello", "/webhooks/stripe"}
+)
 
 
 class Gateway:
@@ -64,14 +75,31 @@ class Gateway:
         self.services = Services(self.live, self.store, routes, keys, metrics)
         proxy = UpstreamProxy(self.http_client)
         self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
+        self.agents = agents = AgentApi(self.http_client, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)
         funding = FundingApi(self.services, inference)
         ops = OpsApi(self.services)
+        stripe_settings = settings.payments.stripe
+        self.stripe = (
+            StripeCheckout(stripe_settings, settings.server.public_url or "", settings.dashboard.path)
+            if stripe_settings is not None
+            else None
+        )
+        # Orders, codes and alerts run on the SQLite store's connections so far (not on
+        # PostgreSQL: see supports_payments); their endpoints fail there until ported.
+        self.checkout = Checkout(PaymentStore(self.store), self.stripe)  # type: ignore[arg-type]
+        payments = PaymentsApi(self.services, self.checkout)
+        alert_store = AlertStore(self.store)  # type: ignore[arg-type]
+        alerts = AlertsApi(self.services, alert_store)
+        self.alert_dispatcher = AlertDispatcher(alert_store, settings.alerts, settings.money)
         self._exact: dict[str, dict[str, ASGIApp]] = {
             "/v1/chat/completions": {"POST": inference},
             "/v1/completions": {"POST": inference},
             "/v1/embeddings": {"POST": inference},
-            "/v1/models": {"GET": account.models},
+            "/v1/messages": {"POST": agents.messages},
+            "/v1/messages/count_tokens": {"POST": agents.count_tokens},
+            "/v1/responses": {"POST": agents.responses},
+            "/v1/models": {"GET": self._models},
             "/v1/balance": {"GET": account.balance},
             "/v1/me": {"GET": account.me},
             "/v1/usage": {"GET": UsageApi(self.services).usage},
@@ -81,17 +109,29 @@ class Gateway:
             "/readyz": {"GET": ops.readyz},
             "/metrics": {"GET": ops.metrics},
             "/openapi.json": {"GET": ops.openapi},
+            "/api/hello": {"GET": agents.hello, "HEAD": agents.hello},
+            "/v1/checkout": {"POST": payments.checkout},
+            "/v1/orders": {"GET": payments.list_orders},
+            "/v1/redeem": {"POST": payments.redeem},
+            "/webhooks/stripe": {"POST": payments.stripe_webhook},
+            "/v1/alerts": {"GET": alerts.show, "PUT": alerts.update},
         }
+        self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},
             "": {"PATCH": funding.update_user},
             "chat/completions": {"POST": funding.user_completion},
         }
-        self._app: ASGIApp = RequestContextMiddleware(
-            mount_dashboard(
-                AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS), self.services, proxy.cooling_down
-            ),
-            observers=(metrics.observe,),
+        self._app: ASGIApp = AnthropicErrorShape(
+            RequestContextMiddleware(
+                mount_dashboard(
+                    AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS),
+                    self.services,
+                    proxy.cooling_down,
+                    self.checkout,
+                ),
+                observers=(metrics.observe,),
+            )
         )
 
     @property
@@ -129,6 +169,13 @@ class Gateway:
         except QuotaError as error:
             await send_error(send, error)
 
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The model list in the caller's protocol: Anthropic's shape when it sends anthropic-version."""
+        if header(scope, b"anthropic-version") is not None:
+            await anthropic_models(self.routes, scope, send)
+        else:
+            await self._openai_models(scope, receive, send)
+
     def reload(self) -> bool:
         """Re-read the TOML file: routes, upstreams, packages and billing switch over for the
         next request; in-flight requests finish on what they started with. An invalid file
@@ -146,7 +193,9 @@ class Gateway:
         self.live.current = new
         logger.warning(
             "config reloaded from %s: %d routes, %d packages",
-            new.source, len(new.routes), len(new.packages),
+            new.source,
+            len(new.routes),
+            len(new.packages),
         )
         return True
 
@@ -157,11 +206,14 @@ class Gateway:
         if self.reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            async with self.keeper.running():
+            alerting = self.alert_dispatcher.running() if supports_payments(self.store) else contextlib.nullcontext()
+            async with self.keeper.running(), alerting:
                 yield
         finally:
             if self._own_client:
                 await self.http_client.aclose()
+            if self.stripe is not None:
+                await self.stripe.aclose()
             await self.store.close()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

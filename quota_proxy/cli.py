@@ -28,7 +28,14 @@ from quota_proxy.config import (
     default_config_path,
     load_settings,
 )
-from quota_proxy.store import DashboardStore, Store, StoreError, open_store, supports_dashboard
+from quota_proxy.store import (
+    DashboardStore,
+    Store,
+    StoreError,
+    open_store,
+    supports_dashboard,
+    supports_payments,
+)
 from quota_proxy.store.copy import copy_store
 from quota_proxy.views import account_view, iso_time, key_view, user_view
 
@@ -98,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", metavar="EXTERNAL_ID")
 
-    p = cmd("usage", "usage per route and per day")
+    p = cmd("usage", "usage per route and per day, or per agent session")
     p.add_argument("--account", required=True)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--user", metavar="EXTERNAL_ID")
+    p.add_argument("--by", choices=("day", "session"), default="day")
 
     ledger = cmd("ledger", "the audit ledger").add_subparsers(dest="action", required=True, metavar="ACTION")
     p = cmd("list", "an account's ledger, newest first", ledger)
@@ -139,8 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True)
     p.add_argument("--user", required=True, metavar="EXTERNAL_ID")
     p.add_argument("mode", choices=["user", "developer"])
+    _payment_commands(cmd)
     _dashboard_parser(cmd)
     return parser
+
+
+def _payment_commands(cmd: Any) -> None:
+    orders = cmd("orders", "package orders paid through a provider").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = cmd("list", "an account's orders, newest first", orders)
+    p.add_argument("--account", required=True)
+    p.add_argument("--limit", type=_positive, default=100)
+
+    codes = cmd("codes", "redemption codes").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("create", "create codes for a package; they are printed once", codes)
+    p.add_argument("--package", required=True, metavar="ID")
+    p.add_argument("--count", type=_positive, default=1)
+    p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (end of day, UTC) or ISO datetime")
+    cmd("list", "codes and who claimed them (never the codes themselves)", codes)
+
+    alerts = cmd("alerts", "low-balance alerts").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("set", "where an account's alerts go and at which balances", alerts)
+    p.add_argument("--account", required=True)
+    p.add_argument("--url", required=True, help="the webhook the signed alerts are POSTed to")
+    p.add_argument("--thresholds", default="", help="dollars, comma-separated, for the account's balance")
+    p.add_argument("--user-thresholds", default="", help="dollars, comma-separated, for each app user's")
+    p = cmd("show", "an account's alert settings and latest deliveries", alerts)
+    p.add_argument("--account", required=True)
 
 
 def _dashboard_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
@@ -333,6 +366,22 @@ async def _balance(args: argparse.Namespace, s: Settings, store: Store) -> tuple
 @_handles("usage")
 async def _usage(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
+    buckets = ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
+    if args.by == "session":
+        sessions = await store.usage_by_session(account.id, args.days)
+        data = {
+            "account": account.name,
+            "days": args.days,
+            "by": "session",
+            "rows": [
+                {"session": t.name, "requests": t.requests, "input_tokens": t.input_tokens,
+                 "output_tokens": t.output_tokens, **{b: getattr(t, b) for b in buckets},
+                 "charged_quota_tokens": t.charged, "charged": s.money.usd(t.charged)}
+                for t in sessions
+            ],
+        }
+        return data, lambda d: _table(d["rows"], ["session", "requests", "input_tokens", "cache_read_tokens",
+                                                  "cache_write_tokens", "output_tokens", "charged_quota_tokens"])
     user_id = (await admin.app_user(store, account, args.user)).id if args.user else None
     rows = await store.usage(account.id, args.days, user_id)
     data = {
@@ -341,6 +390,7 @@ async def _usage(args: argparse.Namespace, s: Settings, store: Store) -> tuple[A
         "rows": [
             {"day": r.day, "route": r.route, "user": r.user, "requests": r.requests,
              "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+             **{b: getattr(r, b) for b in buckets},
              "charged_quota_tokens": r.charged, "charged": s.money.usd(r.charged)}
             for r in rows
         ],
@@ -460,6 +510,75 @@ def _dashboard_store(store: Store) -> DashboardStore:
     if not supports_dashboard(store):
         raise admin.AdminError("this store has no dashboard sign-in and sessions")
     return store  # type: ignore[return-value]
+
+
+def _payments_store(store: Store) -> DashboardStore:
+    """Orders, codes and alerts run on the SQLite store's connections so far."""
+    if not supports_payments(store):
+        raise admin.AdminError("orders, codes and alerts are not on the PostgreSQL store yet")
+    return store  # type: ignore[return-value]
+
+
+@_handles("orders", "list")
+async def _orders_list(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.list_orders(store, s, args.account, args.limit)
+    return data, lambda d: _table(d, ["order_id", "created_at", "status", "package", "price",
+                                      "quota_tokens", "ledger_id", "refunded_quota_tokens"])
+
+
+@_handles("codes", "create")
+async def _codes_create(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.create_codes(store, s, args.package, args.count, args.expires)
+    return data, lambda d: "".join(f"{c}\n" for c in d["codes"]) + (
+        f"# {len(d['codes'])} code(s) for package {d['package']} ({d['quota_tokens']} quota tokens"
+        f"{', expiring ' + d['expires_at'] if d['expires_at'] else ''}): shown once, store them now\n"
+    )
+
+
+@_handles("codes", "list")
+async def _codes_list(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
+    from quota_proxy.payments import admin as pay
+
+    data = await pay.list_codes(store)
+    return data, lambda d: _table(d, ["id", "package", "quota_tokens", "expires_at", "claimed_by", "claimed_at"])
+
+
+@_handles("alerts", "set")
+async def _alerts_set(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
+    from quota_proxy.payments import admin as pay
+
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    data = await pay.set_alerts(store, s, args.account, args.url, split(args.thresholds),
+                                split(args.user_thresholds))
+    return data, _alerts_table
+
+
+@_handles("alerts", "show")
+async def _alerts_show(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
+    from quota_proxy.payments import admin as pay
+
+    return await pay.show_alerts(store, s, args.account), _alerts_table
+
+
+def _alerts_table(d: dict[str, Any]) -> str:
+    levels = ", ".join(t["amount"] for t in d["thresholds"]) or "-"
+    users = ", ".join(t["amount"] for t in d["user_thresholds"]) or "-"
+    text = (f"alerts for {d['account']}: {d['webhook_url'] or '(none)'}\n"
+            f"thresholds: {levels}; app users: {users}\nsigning secret: {d['signing_secret'] or '-'}\n")
+    if d.get("deliveries"):
+        text += _table(d["deliveries"], ["id", "account", "threshold_quota_tokens", "status", "attempts"])
+    return text
 
 
 @_handles("dashboard", "invite")

@@ -24,6 +24,8 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
+from quota_proxy.payments.settings import AlertConfig, PaymentSettings, parse_alerts, parse_payments
+from quota_proxy.usage import BucketWeights
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
@@ -31,6 +33,8 @@ OVERDRAFT_MODES = ("cap", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
 SECURE_COOKIES = ("auto", "always", "never")
+UPSTREAM_APIS = ("openai", "anthropic")
+UPSTREAM_AUTH = ("auto", "bearer", "x-api-key")
 
 
 class ConfigError(Exception):
@@ -72,7 +76,8 @@ class ServerSettings:
     metrics_token: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
     log_level: Annotated[str, Rule(choices=LOG_LEVELS)] = "info"
     log_format: Annotated[str, Rule(choices=LOG_FORMATS)] = "auto"
-    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links.
+    # Where people reach the gateway ("https://llm.example.com"): dashboard invitation links,
+    # Stripe Checkout's return URLs (required with [payments.stripe]).
     public_url: Annotated[str | None, Rule(url=True)] = None
 
 
@@ -123,6 +128,14 @@ class Upstream:
     timeout_s: Annotated[float, Rule(positive=True)] = 600.0
     connect_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
     cooldown_s: Annotated[float, Rule(positive=True)] = 30.0
+    # What the upstream speaks: "openai" (Chat Completions; the Responses API too when
+    # responses = true) or "anthropic" (the Messages API, authenticated by x-api-key).
+    api: Annotated[str, Rule(choices=UPSTREAM_APIS)] = "openai"
+    responses: bool = False
+    messages: bool = False  # an "openai" upstream that serves the Messages API too (vLLM, SGLang)
+    # How the key is sent: "auto" is Bearer for "openai", x-api-key for "anthropic" (an
+    # open-weight server's Messages endpoint may want Bearer instead).
+    auth: Annotated[str, Rule(choices=UPSTREAM_AUTH)] = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,8 @@ class Route:
     max_output_tokens: Annotated[int, Rule(low=1)] = 4096
     description: str = ""
     limits: Annotated[Limits, NOT_IN_FILE] = Limits()
+    match: tuple[str, ...] = ()  # more model names or fnmatch patterns ("claude-sonnet-*")
+    weights: BucketWeights = BucketWeights()  # [routes."x".weights]: per-bucket price weights
 
     @property
     def upstream(self) -> Upstream:
@@ -171,6 +186,8 @@ class Settings:
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     packages: tuple[Package, ...] = ()
+    payments: PaymentSettings = PaymentSettings()  # read by quota_proxy.payments.settings
+    alerts: AlertConfig = AlertConfig()
     source: Annotated[Path | None, NOT_IN_FILE] = None
     warnings: Annotated[tuple[str, ...], NOT_IN_FILE] = ()
 
@@ -289,6 +306,15 @@ def parse_settings(
         seen_ids.add(package.id)
         packages.append(package if package.name else replace(package, name=package.id))
 
+    payments, problems = parse_payments(
+        raw.get("payments"), env, {p.id: p.price_usd for p in packages}
+    )
+    v.problems.extend(problems)
+    if payments.stripe is not None and not server.public_url:
+        v.problem("server.public_url", "is required with [payments.stripe] (Checkout's return URLs)")
+    alerts, problems = parse_alerts(raw.get("alerts"))
+    v.problems.extend(problems)
+
     if v.problems:
         raise ConfigError(v.problems)
     return Settings(
@@ -300,6 +326,8 @@ def parse_settings(
         upstreams=upstreams,
         routes=routes,
         packages=tuple(sorted(packages, key=lambda pk: (pk.price_usd, pk.id))),
+        payments=payments,
+        alerts=alerts,
         source=source,
         warnings=tuple(v.warnings),
     )

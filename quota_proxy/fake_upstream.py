@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import orjson
 
+from quota_proxy import fake_dialects
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, until_disconnect
 from quota_proxy.runner import RunningServer, run_server
 
@@ -69,6 +70,13 @@ class FakeUpstreamOptions:
     reply_words: int = 8
     include_usage: bool = True
     api_key: str | None = None
+    # Usage knobs every dialect reports in its own style (see quota_proxy.fake_dialects):
+    # cache reads and writes on top of the counted prompt, reasoning inside the output.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0  # short-lived (Anthropic 5m, OpenAI 30m)
+    cache_write_1h_tokens: int = 0  # long-lived (Anthropic 1h, OpenAI 12h)
+    reasoning_tokens: int = 0
+    tool_calls: bool = False  # call the request's first tool instead of answering in text
 
 
 @dataclass
@@ -79,6 +87,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    query: str = ""
 
 
 @dataclass
@@ -124,6 +133,13 @@ def _error(status: int, message: str | None = None, code: str | None = None) -> 
     return orjson.dumps({"error": error})
 
 
+def _error_for(path: str, status: int, message: str | None = None, code: str | None = None) -> bytes:
+    """An error in the dialect of the endpoint: Anthropic's shape under /v1/messages."""
+    if path.startswith("/v1/messages"):
+        return fake_dialects.anthropic_error(status, message or f"Fake failure with status {status}.")
+    return _error(status, message, code)
+
+
 def _words(text: object) -> int:
     return len(text.split()) if isinstance(text, str) else 0
 
@@ -151,10 +167,12 @@ def _input_tokens(value: object) -> int:
     return _words(value)
 
 
-def _output(body: dict[str, Any], plan: _Plan) -> tuple[list[str], str]:
+def _output(
+    body: dict[str, Any], plan: _Plan, cap_fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+) -> tuple[list[str], str]:
     """The reply words and finish_reason; ``huge`` ignores the cap so it stays huge."""
     count = max(0, int(plan.options.reply_words))
-    caps = [body.get(k) for k in ("max_tokens", "max_completion_tokens")]
+    caps = [body.get(k) for k in cap_fields]
     cap = min((c for c in caps if isinstance(c, int) and not isinstance(c, bool)), default=None)
     finish = "stop"
     if plan.fail != "huge" and cap is not None and cap < count:
@@ -166,6 +184,14 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _counts(plan: _Plan, prompt: int, words: int) -> fake_dialects.Counts:
+    o = plan.options
+    uncached = plan.prompt_tokens if isinstance(plan.prompt_tokens, int) else prompt
+    return fake_dialects.Counts(
+        uncached, o.cache_read_tokens, o.cache_write_tokens, o.cache_write_1h_tokens, words, o.reasoning_tokens
+    )
+
+
 def _event(obj: object) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -173,8 +199,9 @@ def _event(obj: object) -> bytes:
 def _generate(kind: str, body: dict[str, Any], plan: _Plan, prompt: int) -> bytes | Events:
     """Answer a chat or legacy completion, as one JSON body or as SSE events."""
     words, finish = _output(body, plan)
-    usage = _usage(plan.prompt_tokens if isinstance(plan.prompt_tokens, int) else prompt, len(words))
+    usage: dict[str, Any] = fake_dialects.chat_usage(_counts(plan, prompt, len(words)))
     chat = kind == "chat"
+    tool = fake_dialects.first_tool(body) if chat and plan.options.tool_calls else None
     base: dict[str, Any] = {
         "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
         "object": "chat.completion" if chat else "text_completion",
@@ -186,10 +213,17 @@ def _generate(kind: str, body: dict[str, Any], plan: _Plan, prompt: int) -> byte
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         return _stream_events(
-            base, words, finish, usage if wants_usage and plan.options.include_usage else None
+            base, words, finish, usage if wants_usage and plan.options.include_usage else None, tool
         )
     text = " ".join(words)
-    part = {"message": {"role": "assistant", "content": text, "refusal": None}} if chat else {"text": text}
+    part: dict[str, Any] = (
+        {"message": {"role": "assistant", "content": text, "refusal": None}} if chat else {"text": text}
+    )
+    if tool:
+        call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                "function": {"name": tool, "arguments": fake_dialects.tool_arguments(words)}}
+        part = {"message": {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}}
+        finish = "tool_calls"
     choice = {"index": 0, **part, "logprobs": None, "finish_reason": finish}
     reply: dict[str, Any] = {**base, "choices": [choice]}
     if plan.options.include_usage:
@@ -198,7 +232,7 @@ def _generate(kind: str, body: dict[str, Any], plan: _Plan, prompt: int) -> byte
 
 
 def _stream_events(
-    base: dict[str, Any], words: list[str], finish: str, usage: dict[str, int] | None
+    base: dict[str, Any], words: list[str], finish: str, usage: dict[str, Any] | None, tool: str | None = None
 ) -> Events:
     """Yield (is_word, event) pairs in OpenAI's order; a usage chunk only when asked and supported."""
     chat = base["object"] == "chat.completion"
@@ -211,6 +245,14 @@ def _stream_events(
 
     if chat:
         yield False, chunk({"delta": {"role": "assistant", "content": ""}})
+    if tool:
+        call_id = "call_" + uuid.uuid4().hex[:24]
+        for n, piece in enumerate(fake_dialects.split_pieces(fake_dialects.tool_arguments(words))):
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+            if n == 0:
+                call = {"index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": piece}}
+            yield True, chunk({"delta": {"tool_calls": [call]}})
+        words, finish = [], "tool_calls"
     last = len(words) - 1
     for i, word in enumerate(words):
         text = word if i == last else word + " "
@@ -244,6 +286,9 @@ class FakeUpstream:
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/embeddings"): self._embeddings,
             ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
+            ("POST", "/v1/responses"): self._responses,
         }
 
     def reset(self) -> None:
@@ -265,38 +310,43 @@ class FakeUpstream:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append(RecordedRequest(method, path, headers, body))
+        query = scope.get("query_string", b"").decode("latin-1")
+        self.requests.append(RecordedRequest(method, path, headers, body, query))
         self.stats["requests"] += 1
         if (
             self.options.api_key is not None
             and headers.get("authorization") != f"Bearer {self.options.api_key}"
+            and headers.get("x-api-key") != self.options.api_key
         ):
-            await send_bytes(send, 401, _error(401))
+            await send_bytes(send, 401, _error_for(path, 401))
             return
         endpoint = self._routes.get((method, path))
         if endpoint is None:
             known = any(p == path for _, p in self._routes)
             status = 405 if known else 404
-            await send_bytes(send, status, _error(status, f"Invalid URL ({method} {path})", "unknown_url"))
+            await send_bytes(send, status, _error_for(path, status, f"Invalid URL ({method} {path})", "unknown_url"))
             return
         if method == "POST" and not isinstance(body, dict):
-            await send_bytes(
-                send, 400, _error(400, "We could not parse the JSON body of your request.", "invalid_json")
-            )
+            message = "We could not parse the JSON body of your request."
+            await send_bytes(send, 400, _error_for(path, 400, message, "invalid_json"))
             return
         try:
             plan = _plan(self.options, body or {})
         except (TypeError, ValueError) as exc:
-            await send_bytes(send, 400, _error(400, str(exc), "invalid_fake"))
+            await send_bytes(send, 400, _error_for(path, 400, str(exc), "invalid_fake"))
             return
-        await until_disconnect(receive, send, lambda tracked: self._respond(endpoint, body or {}, plan, tracked))
+        await until_disconnect(
+            receive, send, lambda tracked: self._respond(endpoint, body or {}, plan, tracked, path)
+        )
 
-    async def _respond(self, endpoint: Endpoint, body: dict[str, Any], plan: _Plan, send: Send) -> None:
+    async def _respond(
+        self, endpoint: Endpoint, body: dict[str, Any], plan: _Plan, send: Send, path: str = ""
+    ) -> None:
         await anyio.sleep(plan.options.first_byte_delay_s)
         status = _status_of(plan.fail)
         if status is not None:
             extra = [(b"retry-after", b"1")] if status == 429 else None
-            await send_bytes(send, status, _error(status), extra)
+            await send_bytes(send, status, _error_for(path, status), extra)
             return
         if plan.fail == "html":
             await send_bytes(send, 200, HTML_PAGE, content_type=b"text/html; charset=utf-8")
@@ -318,12 +368,16 @@ class FakeUpstream:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         self.stats["streams_started"] += 1
         try:
+            data = b""
             for n, (is_word, data) in enumerate(events):
                 if is_word:
                     await anyio.sleep(plan.options.chunk_delay_s)
                 await send({"type": "http.response.body", "body": data, "more_body": data is not _DONE})
                 if plan.fail == "stall_after_headers" and n == 0:
                     await anyio.sleep_forever()
+            if data is not _DONE and plan.fail != "reset_mid_stream":
+                # Anthropic and Responses streams end without [DONE]: close them here.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except anyio.get_cancelled_exc_class():
             self.stats["streams_cancelled"] += 1
             raise
@@ -351,6 +405,22 @@ class FakeUpstream:
         prompt = plan.prompt_tokens if isinstance(plan.prompt_tokens, int) else _input_tokens(raw)
         usage = {"prompt_tokens": prompt, "total_tokens": prompt}
         return orjson.dumps({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+
+    def _messages(self, body: dict[str, Any], plan: _Plan) -> bytes | Events:
+        words, finish = _output(body, plan, ("max_tokens",))
+        tool = fake_dialects.first_tool(body) if plan.options.tool_calls else None
+        counts = _counts(plan, fake_dialects.anthropic_prompt(body), len(words))
+        return fake_dialects.anthropic_reply(body, words, finish, counts, tool)
+
+    def _count_tokens(self, body: dict[str, Any], plan: _Plan) -> bytes | Events:
+        counted = _counts(plan, fake_dialects.anthropic_prompt(body), 0).uncached
+        return orjson.dumps({"input_tokens": counted})
+
+    def _responses(self, body: dict[str, Any], plan: _Plan) -> bytes | Events:
+        words, finish = _output(body, plan, ("max_output_tokens",))
+        tool = fake_dialects.first_tool(body) if plan.options.tool_calls else None
+        counts = _counts(plan, fake_dialects.responses_prompt(body), len(words))
+        return fake_dialects.responses_reply(body, words, finish, counts, tool)
 
     def _models(self, body: dict[str, Any], plan: _Plan) -> bytes | Events:
         data = [

@@ -21,15 +21,31 @@ from quota_proxy.inference_request import InferenceRequest, Kind
 from quota_proxy.state import Billing
 from quota_proxy.store import InsufficientFunds, Settlement, Store, TooManyInFlight
 from quota_proxy.store.models import Outcome
+from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
 HOLD_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int  # uncached input: the cache buckets are apart from it
+    output_tokens: int  # reasoning included
     estimated: bool
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    reasoning: int = 0  # part of output_tokens, kept as information
+
+    @classmethod
+    def of(cls, b: Buckets, estimated: bool = False) -> Usage:
+        return cls(b.input, b.output, estimated, b.cache_read, b.cache_write_5m, b.cache_write_1h, b.reasoning)
+
+    @property
+    def buckets(self) -> Buckets:
+        return Buckets(
+            self.input_tokens, self.cache_read, self.cache_write_5m, self.cache_write_1h, self.output_tokens,
+            self.reasoning,
+        )  # fmt: skip
 
 
 NO_USAGE = Usage(0, 0, False)
@@ -91,12 +107,12 @@ class Meter:
         log: dict[str, Any],
     ) -> Meter:
         """Take the worst-case hold; in cap mode lower the output cap to what the balance affords."""
-        mult = route.multiplier
+        mult, weights = route.multiplier.value, route.weights
         cap = full_cap = output_cap(request, route)
         account = billing.charged_account_id
         available = 0
         for _ in range(HOLD_ATTEMPTS):
-            amount = mult.charge(request.prompt_estimate + cap * request.choices)
+            amount = worst_case_hold(request.prompt_estimate, cap * request.choices, mult, weights)
             started = time.perf_counter()
             try:
                 hold_id = await store.take_hold(
@@ -119,24 +135,24 @@ class Meter:
                 return cls(store, request, route, billing, key_id, request_id, hold_id, cap, log)
             if not policy.overdraft_cap or request.kind is Kind.EMBEDDINGS:
                 break
-            affordable = mult.affordable_tokens(available) - request.prompt_estimate
+            affordable = affordable_output(available, request.prompt_estimate, mult, weights)
             cap = min(cap, affordable // request.choices)
             if cap < 1:
                 break
         if policy.overdraft_cap:
-            minimum = request.prompt_estimate + (0 if request.kind is Kind.EMBEDDINGS else request.choices)
-            required = mult.charge(minimum)
+            least = 0 if request.kind is Kind.EMBEDDINGS else request.choices
         else:
-            required = mult.charge(request.prompt_estimate + full_cap * request.choices)
+            least = full_cap * request.choices
+        required = worst_case_hold(request.prompt_estimate, least, mult, weights)
         raise InsufficientBalance(required=max(required, 1), available=available)
 
     def charge(self, usage: Usage) -> int:
         """The charge for this usage. Output past the cap the gateway sent is not billed:
         the hold covered the cap, so an upstream that ignores max_tokens cannot overdraw."""
-        output = usage.output_tokens
+        billed = usage.buckets
         if self.request.kind is not Kind.EMBEDDINGS:
-            output = min(output, self.output_cap * self.request.choices)
-        return self.route.multiplier.charge(usage.input_tokens + output)
+            billed = billed.with_output(min(billed.output, self.output_cap * self.request.choices))
+        return charge(billed, self.route.multiplier.value, self.route.weights)
 
     async def settle(self, outcome: Outcome, usage: Usage, status: int) -> None:
         """Charge for `usage` and release the hold, once."""
@@ -161,6 +177,10 @@ class Meter:
             estimated=usage.estimated,
             outcome=outcome,
             status=status,
+            cache_read_tokens=usage.cache_read,
+            cache_write_tokens=usage.cache_write_5m,
+            cache_write_1h_tokens=usage.cache_write_1h,
+            reasoning_tokens=usage.reasoning,
         )
         self.log.update(
             input_tokens=usage.input_tokens,

@@ -19,6 +19,7 @@ from quota_proxy.meter import Meter, Usage
 from quota_proxy.sse import SSEMeter, completion_texts
 from quota_proxy.tokens import estimate_output_tokens
 from quota_proxy.upstream import MALFORMED
+from quota_proxy.usage import from_chat
 
 
 class MeteredReply:
@@ -115,6 +116,13 @@ class MeteredReply:
             extended["total_tokens"] = usage.input_tokens + usage.output_tokens
         extended["input_tokens"] = usage.input_tokens
         extended["output_tokens"] = usage.output_tokens
+        for name, count in (
+            ("cache_read_tokens", usage.cache_read),
+            ("cache_write_tokens", usage.cache_write_5m),
+            ("cache_write_1h_tokens", usage.cache_write_1h),
+        ):
+            if count:
+                extended[name] = count
         extended["route_multiplier"] = str(self.meter.route.multiplier)
         extended["charged_quota_tokens"] = self.meter.charge(usage)
         if usage.estimated:
@@ -123,23 +131,10 @@ class MeteredReply:
 
 
 def read_usage(raw: Any) -> Usage | None:
-    """The upstream's usage object, or None when it is missing or not counts."""
-    if not isinstance(raw, dict):
-        return None
-    prompt = _count(raw.get("prompt_tokens"))
-    if prompt is None:
-        return None
-    completion = _count(raw.get("completion_tokens"))
-    if completion is None:
-        total = _count(raw.get("total_tokens"))
-        completion = total - prompt if total is not None and total >= prompt else 0
-    return Usage(prompt, completion, False)
-
-
-def _count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    """The upstream's usage object in buckets (cached tokens are inside prompt_tokens), or
+    None when it is missing or not counts."""
+    buckets = from_chat(raw)
+    return Usage.of(buckets) if buckets is not None else None
 
 
 def _is_event_stream(message: Message) -> bool:

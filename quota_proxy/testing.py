@@ -1,8 +1,14 @@
-"""The test kit for quota-proxy users: a fake OpenAI-compatible upstream.
+"""The test kit for quota-proxy users: a fake upstream that speaks Chat Completions, the
+Anthropic Messages API (``/v1/messages``, ``/v1/messages/count_tokens``) and the OpenAI
+Responses API (``/v1/responses``), streamed or not.
 
 Replies and usage are deterministic, so tests can assert exact charges. A request can
-steer the fake through a ``"fake"`` object in its JSON body (the openai SDK's
-``extra_body={"fake": {...}}``): be slow, omit usage, or fail the way real upstreams fail.
+steer the fake through a ``"fake"`` object in its JSON body (the SDKs'
+``extra_body={"fake": {...}}``): be slow, omit usage, or fail the way real upstreams fail;
+report cache reads and writes (``cache_read_tokens``, ``cache_write_tokens``,
+``cache_write_1h_tokens``) and reasoning (``reasoning_tokens``) in each API's own usage
+style; or call the request's first tool (``tool_calls``). The same knobs can be set for
+every request on ``FakeUpstreamOptions``.
 
 In a test: ``async with run_fake_upstream() as upstream: ... upstream.base_url``. As a
 process: ``python -m quota_proxy.testing --port 9000``.

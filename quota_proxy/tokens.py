@@ -313,7 +313,7 @@ def _content_tokens(content: Any) -> int:
                 total += estimate_text_tokens(part["text"])
             elif isinstance(part.get("refusal"), str):
                 total += estimate_text_tokens(part["refusal"])
-            elif kind in _MEDIA_PARTS:
+            elif isinstance(kind, str) and kind in _MEDIA_PARTS:  # a list or object "type" is unhashable
                 total += IMAGE_TOKENS
             else:  # an unknown part still reaches the model somehow: count its JSON
                 total += _json_tokens(part)

@@ -114,6 +114,7 @@ def config_toml(upstream_url: str, store_path: Path, **overrides: Any) -> str:
         'name = "Pro"',
         "price_usd = 20",
         "quota_tokens = 22_000_000",
+        overrides.get("extra", ""),  # whole tables appended as written, e.g. [payments.stripe]
     ]
     return "\n".join(lines) + "\n"
 
@@ -268,7 +269,9 @@ async def make_gateway(tmp_path: Path, upstream: RunningUpstream) -> AsyncIterat
             config_path.write_text(config_toml(upstream.base_url, store_path, **overrides))
             settings = load_settings(config_path)
             app = create_app(settings)
-            server = await stack.enter_async_context(run_server(app, lifespan="on"))
+            # A test that needs the URL up front (public_url) names the port; else a free one.
+            port = overrides.get("server", {}).get("port", 0)
+            server = await stack.enter_async_context(run_server(app, lifespan="on", port=port))
             harness = GatewayHarness(settings, config_path, app, server.url, upstream)
             stack.push_async_callback(_close_clients, harness)
             return harness

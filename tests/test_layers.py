@@ -29,7 +29,8 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models",
+                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models", "usage",
+                "fake_dialects", "payments", "payments.settings", "payments.codes", "payments.throttle",
             }
         ),
     ),
@@ -38,26 +39,29 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "core",
         frozenset(
             {"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite",
-             "store.postgres", "store.protocol", "store.copy", "store.dashboard_postgres"}
+             "payments.stripe_events", "payments.views", "store.postgres", "store.protocol", "store.copy",
+             "store.dashboard_postgres"}
         ),
     ),
+    # Pure translators between Chat Completions and the agent APIs (errors and usage below).
+    ("protocols", frozenset({"protocols"})),
     # One job each on the request path, the HTTP connection under it, and the fake upstream the demo serves.
     (
         "request path",
         frozenset(
             {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
-             "http_protocol"}
+             "http_protocol", "alerts", "payments.stripe_checkout", "payments.checkout"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),
     # Operator actions (the CLI's backend) and what every endpoint shares.
-    ("operations", frozenset({"admin", "api.common"})),
-    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage"})),
+    ("operations", frozenset({"admin", "api.common", "payments.admin"})),
+    ("endpoints", frozenset({"api", "api.account", "api.funding", "api.ops", "api.usage", "agents"})),
     # The web dashboard: pages for people over the operations and endpoints below it.
     ("dashboard", frozenset({"dashboard"})),
     ("app", frozenset({"app"})),
     # Processes and kits: may import anything below.
-    ("entry points", frozenset({"", "__main__", "cli", "serve", "demo", "testing"})),
+    ("entry points", frozenset({"", "__main__", "cli", "serve", "demo", "testing", "testing_stripe"})),
 )
 
 

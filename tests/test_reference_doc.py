@@ -31,8 +31,12 @@ def config_with(section: str, key: str | None = None, value: Any = None) -> dict
         "routes": dict(ROUTE),
         "packages": dict(PACKAGE),
     }
-    raw: dict[str, Any] = {section: {}} if section not in tables else {}
-    target = tables.get(section, raw.get(section, {}))
+    raw: dict[str, Any] = {}
+    if section not in tables:
+        # "payments.stripe" is the table [payments.stripe], nested as TOML reads it.
+        outer, _, inner = section.partition(".")
+        raw[outer] = {inner: {}} if inner else {}
+    target = tables.get(section) or (raw[outer][inner] if inner else raw[outer])
     if key is not None:
         target[key] = value
     raw.update(upstreams={"u": tables["upstreams"]}, routes={"r": tables["routes"]})
@@ -45,7 +49,7 @@ def documented_keys() -> dict[str, dict[str, str]]:
     sections: dict[str, dict[str, str]] = {}
     current = None
     for line in TEXT.splitlines():
-        heading = re.match(r"### `\[+([a-z_]+)", line)
+        heading = re.match(r"### `\[+([a-z_]+(?:\.[a-z_]+)?)", line)
         if heading:
             current = heading.group(1)
             sections[current] = {}
@@ -62,14 +66,27 @@ def documented_keys() -> dict[str, dict[str, str]]:
 def accepted_keys(section: str) -> set[str]:
     """The keys the validator accepts, from its own "unknown key (expected one of: …)" problem."""
     with pytest.raises(ConfigError) as caught:
-        parse_settings(config_with(section, "not_a_key", 1))
+        parse(config_with(section, "not_a_key", 1))
     (problem,) = [p for p in caught.value.problems if "not_a_key" in p]
     listed = re.search(r"expected one of: ([^)]*)\)", problem)
     assert listed is not None, problem
     return set(listed.group(1).split(", "))
 
 
-SECTIONS = ("server", "store", "billing", "funding", "dashboard", "upstreams", "routes", "packages")
+SECTIONS = (
+    "server", "store", "billing", "funding", "dashboard", "upstreams", "routes", "packages", "payments.stripe",
+    "alerts",
+)
+# [payments.stripe] needs its secrets in the environment and a public URL to parse at all.
+STRIPE_ENV = {"K": "sk_test_x", "H": "whsec_x"}
+STRIPE_REQUIRED = {"secret_key_env": "K", "webhook_secret_env": "H"}
+
+
+def parse(raw: dict[str, Any]) -> Any:
+    if "payments" in raw:
+        raw["payments"]["stripe"] = {**STRIPE_REQUIRED, **raw["payments"]["stripe"]}
+        raw["server"] = {"public_url": "https://gw.example"}
+    return parse_settings(raw, env=STRIPE_ENV)
 
 
 def test_every_section_is_documented() -> None:
@@ -84,14 +101,14 @@ def test_every_accepted_key_is_documented_and_no_other(section: str) -> None:
 @pytest.mark.parametrize("section", SECTIONS)
 def test_documented_defaults_are_the_real_defaults(section: str) -> None:
     """Setting a key to its documented default changes nothing."""
-    baseline = parse_settings(config_with(section))
+    baseline = parse(config_with(section))
     checked = 0
     for key, cell in documented_keys()[section].items():
         literal = re.fullmatch(r"`(.+)`", cell)
         if literal is None:
             continue  # "required", "none", "no limit", "the id": not a value
         value = tomllib.loads(f"v = {literal.group(1)}")["v"]
-        assert parse_settings(config_with(section, key, value)) == baseline, (section, key, cell)
+        assert parse(config_with(section, key, value)) == baseline, (section, key, cell)
         checked += 1
     assert checked or section == "packages"
 

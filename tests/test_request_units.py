@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quota_proxy.errors import BadRequest
 from quota_proxy.inference_request import Kind, endpoint_kind, parse_inference_request
@@ -11,6 +15,9 @@ from quota_proxy.reply import read_usage
 from quota_proxy.sse import completion_texts
 from quota_proxy.upstream import looks_like_event_stream, looks_like_json_object
 
+FIELD_NAMES = ["role", "content", "type", "text", "name", "tool_calls", "function", "arguments", "image_url",
+               "refusal", "tools", "n", "max_tokens", "stream", "stream_options", "include_usage", "json_schema",
+               "response_format", "functions", "function_call", "suffix", "prompt", "input", "x"]
 CHAT = {"model": "quota/fast", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -121,3 +128,36 @@ def test_json_object_sniffing() -> None:
     assert looks_like_json_object(b' \n{"id": 1}')
     assert not looks_like_json_object(b"<html>")
     assert not looks_like_json_object(b"")
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    messages=st.lists(st.dictionaries(st.sampled_from(FIELD_NAMES), JSON_VALUES, max_size=5), min_size=1, max_size=3),
+    extra=st.dictionaries(st.sampled_from(FIELD_NAMES), JSON_VALUES, max_size=4),
+    kind=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+)
+def test_any_json_is_parsed_or_refused_with_a_bad_request(
+    messages: list[dict[str, object]], extra: dict[str, object], kind: str
+) -> None:
+    """The review's 500: a content part whose "type" was an object made the estimator raise
+    TypeError (unhashable) before the hold. Any JSON object is a request or a 400."""
+    body = {"model": "m", "messages": messages, "prompt": extra.get("prompt", "p"), "input": "x", **extra}
+    with contextlib.suppress(BadRequest):
+        parse_inference_request(kind, orjson.dumps(body))
+
+
+def test_a_content_part_typed_by_an_object_is_counted_not_raised() -> None:
+    message = {"role": "user", "content": [{"type": {"include_usage": "yes"}}, {"type": ["image_url"]}]}
+    request = parse(messages=[message])
+    assert request.prompt_estimate > 0  # type: ignore[attr-defined]

@@ -343,3 +343,5 @@ async def test_usage_is_summed_by_each_dimension(store: Store) -> None:
     assert lines[UsageGroup.USER] == [("", 1, 5, 2), ("alice", 2, 10, 4)]
     assert lines[UsageGroup.KEY] == [("qta_live_u ci", 3, 15, 6)]
     assert lines[UsageGroup.SESSION] == [("s1", 2, 10, 4)]
+    sessions = await store.usage_by_session(dev)
+    assert [(t.name, t.requests, t.charged, t.cache_read_tokens) for t in sessions] == [("s1", 2, 10, 4)]

@@ -22,7 +22,7 @@ from quota_proxy.store import (
     Settlement,
     billed_tokens,
 )
-from quota_proxy.store.sqlite import MIGRATIONS, SqliteStore, _statements
+from quota_proxy.store.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, _statements
 
 pytestmark = pytest.mark.anyio
 
@@ -205,7 +205,7 @@ async def test_usage_and_rate_windows_count_every_bucket(store: SqliteStore) -> 
 
 def _create_v3(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
-    for number, name in enumerate(MIGRATIONS[:3], start=1):
+    for number, name in ((n, MIGRATIONS[n]) for n in (1, 2, 3)):
         for statement in _statements(resources.files("quota_proxy.store").joinpath(name).read_text()):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number}")
@@ -226,7 +226,7 @@ async def test_a_v3_store_migrates_with_its_history_intact(tmp_path: Path) -> No
     path = tmp_path / "old.db"
     _create_v3(path)
     async with SqliteStore(path) as store:
-        assert (await store._one("PRAGMA user_version"))[0] == len(MIGRATIONS) == 5
+        assert (await store._one("PRAGMA user_version"))[0] == LATEST_VERSION == 6
         outcomes = await store._all("SELECT request_id, outcome, cache_read_tokens, session_id FROM requests")
         assert outcomes == [("req_1", "ok", 0, None), ("req_2", "upstream_rejected", 0, None)]
         entries = await store.ledger(1)

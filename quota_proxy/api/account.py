@@ -24,9 +24,10 @@ class AccountApi:
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = caller_key(scope)
+        # Each alias, then each literal name in its `match` list (patterns cannot be listed).
         data = [
             {
-                "id": r.alias,
+                "id": name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "quota-proxy",
@@ -35,8 +36,10 @@ class AccountApi:
                 "streaming": r.stream,
                 "tier": r.tier,
                 "max_output_tokens": r.max_output_tokens,
+                **({} if name == r.alias else {"route": r.alias}),
             }
             for r in self.s.routes.visible_to(key)
+            for name in (r.alias, *(m for m in r.match if not any(c in m for c in "*?[")))
         ]
         await send_json(send, 200, {"object": "list", "data": data})
 
@@ -62,11 +65,11 @@ class AccountApi:
         summary = await self.s.store.usage_summary(key.account_id, USAGE_DAYS, TOP_USERS)
         total = _Totals()
         for row in summary.by_route:
-            total.add(row.requests, row.input_tokens, row.output_tokens, row.charged)
+            total.add(row)
 
         def view(rows: tuple[UsageTotal, ...], name: str) -> list[dict[str, Any]]:
             return [
-                {name: r.name, **_Totals(r.requests, r.input_tokens, r.output_tokens, r.charged).view(money)}
+                {name: r.name, **_Totals.of(r).view(money)}
                 for r in rows
             ]
 
@@ -113,22 +116,37 @@ class AccountApi:
 
 
 class _Totals:
-    __slots__ = ("requests", "input_tokens", "output_tokens", "charged")
+    """Usage sums; input_tokens is uncached input, the cache buckets are apart from it, and
+    reasoning is part of output (shown for information)."""
 
-    def __init__(self, requests: int = 0, inp: int = 0, out: int = 0, charged: int = 0) -> None:
-        self.requests, self.input_tokens, self.output_tokens, self.charged = requests, inp, out, charged
+    FIELDS = (
+        "requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+        "cache_write_1h_tokens", "reasoning_tokens", "charged",
+    )  # fmt: skip
+    __slots__ = FIELDS
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
+    reasoning_tokens: int
+    charged: int
 
-    def add(self, requests: int, inp: int, out: int, charged: int) -> None:
-        self.requests += requests
-        self.input_tokens += inp
-        self.output_tokens += out
-        self.charged += charged
+    def __init__(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    @classmethod
+    def of(cls, row: UsageTotal) -> _Totals:
+        totals = cls()
+        totals.add(row)
+        return totals
+
+    def add(self, row: UsageTotal) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(row, name))
 
     def view(self, money: Any) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "charged_quota_tokens": self.charged,
-            "charged": money.usd(self.charged),
-        }
+        out = {name: getattr(self, name) for name in self.FIELDS if name != "charged"}
+        return {**out, "charged_quota_tokens": self.charged, "charged": money.usd(self.charged)}

@@ -29,6 +29,59 @@ _ERROR = {
     },
 }
 
+# Errors on the Anthropic Messages endpoints: Anthropic's shape, plus our code.
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "code": {"type": "string"},
+                "required_quota_tokens": {"type": "integer"},
+                "available_quota_tokens": {"type": "integer"},
+            },
+        },
+    },
+}
+
+_ANTHROPIC_MESSAGES = {
+    "type": "object",
+    "required": ["model", "max_tokens", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"enum": ["user", "assistant"]}, "content": {"type": "string"}},
+            },
+        },
+        "system": {"type": "string"},
+        "stream": {"type": "boolean"},
+    },
+}
+
+_RESPONSES_REQUEST = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"type": "string", "minLength": 1},
+        "instructions": {"type": "string"},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "store": {"type": "boolean"},
+    },
+}
+
 _USER_ID = {
     "name": "external_user_id",
     "in": "path",
@@ -74,11 +127,11 @@ _CHAT_REQUEST = {
 }
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+def _errors(*statuses: int, schema: str = "Error") -> dict[str, Any]:
     return {
         str(status): {
             "description": "error",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
         for status in statuses
     }
@@ -100,6 +153,21 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 INFERENCE_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 503, 504)  # 503: store_unavailable
+_ORDER: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "status", "package", "quota_tokens"],
+    "properties": {
+        "object": {"const": "order"},
+        "order_id": {"type": "string"},
+        "status": {"enum": ["pending", "paid", "expired", "refunded"]},
+        "package": {"type": "string"},
+        "amount_cents": {"type": "integer"},
+        "currency": {"type": "string"},
+        "quota_tokens": {"type": "integer"},
+        "checkout_url": {"type": ["string", "null"]},
+        "ledger_id": {"type": ["string", "null"]},
+    },
+}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 OPENAPI: dict[str, Any] = {
@@ -111,7 +179,7 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {"Error": _ERROR, "User": _USER},
+        "schemas": {"Error": _ERROR, "AnthropicError": _ANTHROPIC_ERROR, "User": _USER},
     },
     "security": [{"bearer": []}],
     "paths": {
@@ -150,6 +218,28 @@ OPENAPI: dict[str, Any] = {
                         "properties": {"model": {"type": "string"}, "input": {"type": "string", "minLength": 1}},
                     }
                 ),
+            )
+        },
+        "/v1/messages": {
+            "post": _op(
+                "An Anthropic Messages request through a route alias (passed through or translated); "
+                "errors in Anthropic's shape.",
+                {**_json(ANY_OBJECT), **_errors(*INFERENCE_ERRORS, schema="AnthropicError")},
+                requestBody=_body(_ANTHROPIC_MESSAGES),
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": _op(
+                "Count a Messages request's input tokens; never charged.",
+                {**_json(ANY_OBJECT), **_errors(400, 401, 403, 404, 413, 502, 504, schema="AnthropicError")},
+                requestBody=_body({**_ANTHROPIC_MESSAGES, "required": ["model", "messages"]}),
+            )
+        },
+        "/v1/responses": {
+            "post": _op(
+                "An OpenAI Responses request through a route alias (passed through or translated).",
+                {**_json(ANY_OBJECT), **_errors(*INFERENCE_ERRORS)},
+                requestBody=_body(_RESPONSES_REQUEST),
             )
         },
         "/v1/models": {"get": _op("The aliases this key may use.", {**_json(ANY_OBJECT), **_errors(401)})},
@@ -251,6 +341,58 @@ OPENAPI: dict[str, Any] = {
                 {**_json(ANY_OBJECT), **_errors(*INFERENCE_ERRORS)},
                 parameters=[_USER_ID],
                 requestBody=_body(_CHAT_REQUEST),
+            )
+        },
+        "/v1/checkout": {
+            "post": _op(
+                "Open a Stripe Checkout for a package: a pending order and its checkout_url (secret keys).",
+                {**_json(_ORDER), **_errors(400, 401, 403, 404, 413, 502)},
+                requestBody=_body(
+                    {"type": "object", "required": ["package"], "properties": {"package": {"type": "string"}}}
+                ),
+            )
+        },
+        "/v1/orders": {
+            "get": _op(
+                "The account's package orders, newest first (secret keys).",
+                {**_json({"type": "object", "properties": {"data": {"type": "array", "items": _ORDER}}}),
+                 **_errors(401, 403)},
+            )
+        },
+        "/v1/redeem": {
+            "post": _op(
+                "Redeem a code for its package; a code credits once.",
+                {**_json(ANY_OBJECT), **_errors(400, 401, 413, 429)},
+                requestBody=_body(
+                    {"type": "object", "required": ["code"], "properties": {"code": {"type": "string"}}}
+                ),
+            )
+        },
+        "/v1/alerts": {
+            "get": _op("Low-balance alert settings and recent deliveries (secret keys).",
+                       {**_json(ANY_OBJECT), **_errors(401, 403)}),
+            "put": _op(
+                "Replace the low-balance alert settings (secret keys).",
+                {**_json(ANY_OBJECT), **_errors(400, 401, 403, 413)},
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["webhook_url"],
+                        "properties": {
+                            "webhook_url": {"type": "string", "format": "uri"},
+                            "thresholds": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                            "user_thresholds": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                        },
+                    }
+                ),
+            ),
+        },
+        "/webhooks/stripe": {
+            "post": _op(
+                "Stripe's webhook: authenticated by its Stripe-Signature header only.",
+                {**_json(ANY_OBJECT), **_errors(400, 404, 413, 503)},
+                public=True,
+                requestBody=_body(ANY_OBJECT),
             )
         },
         "/healthz": {"get": _op("The process is up.", _json(ANY_OBJECT), public=True)},

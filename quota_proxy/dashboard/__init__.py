@@ -30,6 +30,7 @@ from quota_proxy.dashboard.web import (
     render,
     when,
 )
+from quota_proxy.payments.checkout import Checkout
 from quota_proxy.store import supports_dashboard
 
 __all__ = ["create_dashboard", "mount_dashboard"]
@@ -68,7 +69,9 @@ async def _sign_in(request: Request, exc: Exception) -> Response:
     return redirect(dash, "signin")
 
 
-def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlette:
+def create_dashboard(
+    services: Services, cooldowns: Cooldowns = dict, checkout: Checkout | None = None
+) -> Starlette:
     prefix = services.settings.dashboard.path
     # Read through importlib.resources, so templates load the same from a wheel, a source tree
     # or the single executable.
@@ -84,6 +87,7 @@ def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlet
     env.filters["number"] = number
     routes = [
         Route("/", developer.overview, methods=["GET"]),
+        Route("/alerts", developer.save_alerts, methods=["POST"]),
         Route("/signin", signin.signin_page, methods=["GET"]),
         Route("/signin", signin.signin, methods=["POST"]),
         Route("/invitation", signin.invitation_page, methods=["GET"]),
@@ -103,6 +107,8 @@ def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlet
         Route("/ledger", developer.ledger, methods=["GET"]),
         Route("/ledger.csv", developer.ledger_export, methods=["GET"]),
         Route("/packages", developer.packages, methods=["GET"]),
+        Route("/packages/buy", developer.buy, methods=["POST"]),
+        Route("/orders/{order_id}", developer.order_page, methods=["GET"]),
         Route("/accounts", operator.accounts, methods=["GET"]),
         Route("/accounts", operator.create_account, methods=["POST"]),
         Route("/accounts/operations", operator.operations, methods=["GET"]),
@@ -121,7 +127,7 @@ def create_dashboard(services: Services, cooldowns: Cooldowns = dict) -> Starlet
             HTTPException: _http_error,
         },
     )
-    app.state.dashboard = Dashboard(services, env, prefix, cooldowns)
+    app.state.dashboard = Dashboard(services, env, prefix, cooldowns, checkout)
     return app
 
 
@@ -159,7 +165,9 @@ class _PrefixDispatch:
         await self.gateway(scope, receive, send)
 
 
-def mount_dashboard(gateway: ASGIApp, services: Services, cooldowns: Cooldowns = dict) -> ASGIApp:
+def mount_dashboard(
+    gateway: ASGIApp, services: Services, cooldowns: Cooldowns = dict, checkout: Checkout | None = None
+) -> ASGIApp:
     """The gateway with the dashboard in front of it, or the gateway alone when disabled.
 
     cooldowns tells the operator's page which upstreams are cooling down after a failure."""
@@ -169,5 +177,5 @@ def mount_dashboard(gateway: ASGIApp, services: Services, cooldowns: Cooldowns =
     if not supports_dashboard(services.store):
         logger.warning("the dashboard is off: this store has no dashboard queries")
         return gateway
-    dashboard = _SecurityHeaders(create_dashboard(services, cooldowns))
+    dashboard = _SecurityHeaders(create_dashboard(services, cooldowns, checkout))
     return _PrefixDispatch(gateway, dashboard, settings.path)

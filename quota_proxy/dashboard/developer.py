@@ -20,9 +20,15 @@ from quota_proxy.api.usage import MAX_DAYS, usage_csv
 from quota_proxy.config import Limits
 from quota_proxy.dashboard.charts import daily_route_chart, last_days
 from quota_proxy.dashboard.web import Ctx, Form, PageError, posted, redirect, render, signed_in, when
+from quota_proxy.errors import BadRequest
 from quota_proxy.money import format_usd
+from quota_proxy.payments.checkout import PaymentsDisabled
+from quota_proxy.payments.stripe_checkout import PaymentProviderError
+from quota_proxy.payments.views import alerts_view, parse_thresholds, parse_url
 from quota_proxy.store import Account
+from quota_proxy.store.alerts import AlertStore
 from quota_proxy.store.dashboard_models import UsageGroup
+from quota_proxy.store.payments import Order
 
 CHART_DAYS = 30
 LEDGER_PAGE = 50
@@ -51,7 +57,7 @@ async def chart(ctx: Ctx, account_id: int) -> dict[str, Any]:
     return {"chart": svg, "legend": legend, "chart_rows": rows}
 
 
-async def overview(request: Request) -> Response:
+async def overview(request: Request, status: int = 200, **values: Any) -> Response:
     ctx = await signed_in(request)
     store = ctx.dash.store
     account = await own_account(ctx)
@@ -62,8 +68,35 @@ async def overview(request: Request) -> Response:
         "7 days": sum(by_day.get(d, 0) for d in days[-7:]),
         "30 days": sum(by_day.get(d, 0) for d in days),
     }
-    return render(request, "overview.html", ctx, account=account, spend=spend,
-                  **await chart(ctx, account.id))
+    alerts = alerts_view(await AlertStore(store).get(account.id), ctx.dash.money)
+    values.setdefault("alerts_form", {
+        "webhook_url": alerts["webhook_url"] or "",
+        "thresholds": ", ".join(t["amount"].lstrip("$") for t in alerts["thresholds"]),
+        "user_thresholds": ", ".join(t["amount"].lstrip("$") for t in alerts["user_thresholds"]),
+    })
+    return render(request, "overview.html", ctx, status=status, account=account, spend=spend,
+                  alerts=alerts, saved=request.query_params.get("alerts") == "saved",
+                  **values, **await chart(ctx, account.id))
+
+
+async def save_alerts(request: Request) -> Response:
+    """Low-balance alert settings from the Overview page's form (the same rules as PUT /v1/alerts)."""
+    ctx = await signed_in(request)
+    form = await posted(ctx)
+    values = {name: form.get(name) for name in ("webhook_url", "thresholds", "user_thresholds")}
+
+    def dollars(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    money = ctx.dash.money
+    try:
+        url = parse_url(values["webhook_url"])
+        thresholds = parse_thresholds(dollars(values["thresholds"]), "thresholds", money)
+        user_thresholds = parse_thresholds(dollars(values["user_thresholds"]), "user_thresholds", money)
+    except BadRequest as exc:
+        return await overview(request, status=400, alerts_error=exc.message, alerts_form=values)
+    await AlertStore(ctx.dash.store).set(ctx.account_id, url, thresholds, user_thresholds)
+    return redirect(ctx.dash, "?alerts=saved")
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -251,4 +284,45 @@ async def packages(request: Request) -> Response:
         for p in ctx.dash.services.settings.packages
     ]
     account = await own_account(ctx)
-    return render(request, "packages.html", ctx, rows=rows, account=account)
+    checkout = ctx.dash.checkout
+    orders = await checkout.orders.orders(account.id, 20) if checkout else []
+    return render(request, "packages.html", ctx, rows=rows, account=account, orders=orders, price=_price,
+                  buyable=checkout is not None and checkout.enabled)
+
+
+# -- buying packs -----------------------------------------------------------------------
+# The Buy button posts here (with the session's CSRF token); the order page then links to
+# Stripe's checkout. A redirect straight from the POST would be blocked by the dashboard's
+# CSP (form-action 'self' covers the redirect target too), and a link needs no exception.
+
+
+def _price(order: Order) -> str:
+    return format_usd(Decimal(order.amount_cents) / 100)
+
+
+async def buy(request: Request) -> Response:
+    ctx = await signed_in(request)
+    form = await posted(ctx)
+    checkout = ctx.dash.checkout
+    if checkout is None or not checkout.enabled:
+        raise PageError(404, "Card payments are not enabled on this gateway; ask your operator for a code.")
+    package = next((p for p in ctx.dash.services.settings.packages if p.id == form.get("package")), None)
+    if package is None:
+        raise PageError(404, "There is no such package.")
+    try:
+        order = await checkout.open(ctx.account_id, package)
+    except (PaymentProviderError, PaymentsDisabled):
+        raise PageError(502, "The payment provider could not open a checkout. Nothing was charged; "
+                             "please try again in a moment.") from None
+    return redirect(ctx.dash, f"orders/{order.public_id}")
+
+
+async def order_page(request: Request) -> Response:
+    ctx = await signed_in(request)
+    checkout = ctx.dash.checkout
+    order = await checkout.orders.order(request.path_params["order_id"]) if checkout else None
+    if order is None or order.account_id != ctx.account_id:
+        raise PageError(404, "There is no such order in your account.")
+    returned = request.query_params.get("checkout", "")
+    return render(request, "order.html", ctx, order=order, price=_price(order), returned=returned,
+                  account=await own_account(ctx))

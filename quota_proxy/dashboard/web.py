@@ -16,6 +16,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from quota_proxy.api.common import Services
 from quota_proxy.dashboard.security import csrf_for, same, token_digest
 from quota_proxy.money import Money
+from quota_proxy.payments.checkout import Checkout
 from quota_proxy.store import DashboardStore
 from quota_proxy.store.dashboard_models import DashboardSession, Role
 
@@ -49,6 +50,7 @@ class Dashboard:
     env: jinja2.Environment
     prefix: str
     cooldowns: Cooldowns = dict
+    checkout: Checkout | None = None  # buying packs; None or disabled: no Buy button
 
     @property
     def store(self) -> DashboardStore:

@@ -39,6 +39,12 @@ else:
     DashboardStore = Store
 
 
+def supports_payments(store: Store) -> bool:
+    """Whether orders, redemption codes and alerts can run on this store: so far they use the
+    SQLite store's connections directly (store/payments.py, store/alerts.py)."""
+    return hasattr(store, "db")
+
+
 def supports_dashboard(store: Store) -> bool:
     """Whether this store has the dashboard's queries (both engines do; a store passed in
     by a library user might not)."""
@@ -83,4 +89,5 @@ __all__ = [
     "billed_tokens",
     "open_store",
     "supports_dashboard",
+    "supports_payments",
 ]

@@ -712,6 +712,21 @@ class PostgresStore:
         )
         return [UsageRow(*r) for r in rows]
 
+    async def usage_by_session(self, account_id: int, days: int = 30, limit: int = 100) -> list[UsageTotal]:
+        """Usage per agent session, most recently active first; requests without one left out."""
+        rows = await self._all(
+            """
+            SELECT session_id, count(*), sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                   sum(charged)::bigint, sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint,
+                   sum(cache_write_1h_tokens)::bigint, sum(reasoning_tokens)::bigint
+            FROM requests
+            WHERE account_id = $1 AND session_id IS NOT NULL AND created_at >= $2
+            GROUP BY session_id ORDER BY max(created_at) DESC LIMIT $3
+            """,
+            account_id, now_ms() - days * 86_400_000, limit,
+        )
+        return [UsageTotal(*row) for row in rows]
+
     async def usage_summary(
         self, account_id: int, days: int = 30, top_users: int = 100
     ) -> UsageSummary:

@@ -22,6 +22,7 @@ from quota_proxy.store.models import (
     Settlement,
     UsageRow,
     UsageSummary,
+    UsageTotal,
 )
 
 
@@ -163,6 +164,9 @@ class Store(Protocol):
     # -- usage --------------------------------------------------------------------------
 
     async def usage(self, account_id: int, days: int = 30, user_id: int | None = None) -> list[UsageRow]: ...
+
+    async def usage_by_session(self, account_id: int, days: int = 30, limit: int = 100) -> list[UsageTotal]:
+        """Usage per agent session, most recently active first."""
 
     async def usage_summary(self, account_id: int, days: int = 30, top_users: int = 100) -> UsageSummary: ...
 

@@ -43,7 +43,17 @@ from quota_proxy.store.models import (
     UsageTotal,
 )
 
-MIGRATIONS = ("schema_v1.sql", "schema_v2.sql", "schema_v3.sql", "schema_v4.sql", "schema_v5.sql")
+# Schema versions and their scripts, applied in order. Numbers are reserved per branch, so
+# the list may have gaps while branches merge; a file is at the highest version it ran.
+MIGRATIONS: dict[int, str] = {
+    1: "schema_v1.sql",
+    2: "schema_v2.sql",
+    3: "schema_v3.sql",
+    4: "schema_v4.sql",
+    5: "schema_v5.sql",
+    6: "schema_v6.sql",  # orders, payment events, redemption codes, low-balance alerts
+}
+LATEST_VERSION = max(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 
@@ -112,12 +122,13 @@ def migrate(path: Path) -> int:
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
+            if version > LATEST_VERSION:
                 raise StoreError(
                     f"{path}: schema version {version} is newer than this quota-proxy "
-                    f"({len(MIGRATIONS)}); upgrade quota-proxy"
+                    f"({LATEST_VERSION}); upgrade quota-proxy"
                 )
-            for number, name in enumerate(MIGRATIONS[version:], start=version + 1):
+            for number in sorted(n for n in MIGRATIONS if n > version):
+                name = MIGRATIONS[number]
                 script = resources.files("quota_proxy.store").joinpath(name).read_text()
                 for statement in _statements(script):
                     conn.execute(statement)
@@ -126,7 +137,7 @@ def migrate(path: Path) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return len(MIGRATIONS)
+        return LATEST_VERSION
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: {exc}") from exc
     finally:
@@ -630,6 +641,23 @@ class SqliteStore(DashboardQueries):
             params,
         )
         return [UsageRow(*r) for r in rows]
+
+    async def usage_by_session(self, account_id: int, days: int = 30, limit: int = 100) -> list[UsageTotal]:
+        """Usage per agent session (the X-Claude-Code-Session-Id / session_id header a
+        request carried), most recently active first; requests without one are left out."""
+        since = now_ms() - days * 86_400_000
+        rows = await self._all(
+            """
+            SELECT session_id, count(*), sum(input_tokens), sum(output_tokens), sum(charged),
+                   sum(cache_read_tokens), sum(cache_write_tokens), sum(cache_write_1h_tokens),
+                   sum(reasoning_tokens)
+            FROM requests INDEXED BY requests_session
+            WHERE account_id = ? AND session_id IS NOT NULL AND created_at >= ?
+            GROUP BY session_id ORDER BY max(created_at) DESC LIMIT ?
+            """,
+            (account_id, since, limit),
+        )
+        return [UsageTotal(*row) for row in rows]
 
     async def usage_summary(
         self, account_id: int, days: int = 30, top_users: int = 100
