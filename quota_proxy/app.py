@@ -128,7 +128,7 @@ class Gateway:
                     AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS),
                     self.services,
                     proxy.cooling_down,
-                    self.checkout,
+                    self.checkout if supports_payments(self.store) else None,  # no orders on PostgreSQL yet
                 ),
                 observers=(metrics.observe,),
             )

@@ -42,7 +42,7 @@ else:
 def supports_payments(store: Store) -> bool:
     """Whether orders, redemption codes and alerts can run on this store: so far they use the
     SQLite store's connections directly (store/payments.py, store/alerts.py)."""
-    return hasattr(store, "db")
+    return hasattr(type(store), "db")  # the class: the property raises until the store is open
 
 
 def supports_dashboard(store: Store) -> bool:
