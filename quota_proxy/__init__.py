@@ -12,12 +12,20 @@ middleware (`async with keeper.running():`) for as long as it serves.
 
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.auth import AuthMiddleware, KeyCache
-from quota_proxy.config import ConfigError, Route, Settings, Upstream, load_settings, parse_settings
+from quota_proxy.config import (
+    ConfigError,
+    Route,
+    Settings,
+    StoreSettings,
+    Upstream,
+    load_settings,
+    parse_settings,
+)
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.metering import MeteringMiddleware
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store, open_store
 
 __all__ = [
     "AuthMiddleware",
@@ -30,10 +38,12 @@ __all__ = [
     "Route",
     "RouteTable",
     "Settings",
-    "SqliteStore",
+    "Store",
+    "StoreSettings",
     "Upstream",
     "create_app",
     "load_settings",
+    "open_store",
     "parse_settings",
 ]
 

@@ -15,7 +15,7 @@ from quota_proxy.store import (
     Account,
     IdempotencyMismatch,
     InsufficientFunds,
-    SqliteStore,
+    Store,
 )
 from quota_proxy.views import account_view, grant_view, ledger_view
 
@@ -25,7 +25,7 @@ class AdminError(Exception):
 
 
 async def ledger_page(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     external_id: str | None,
@@ -79,14 +79,14 @@ def quota_tokens(settings: Settings, usd: str | None, tokens: int | None) -> int
     return tokens
 
 
-async def developer(store: SqliteStore, name: str) -> Account:
+async def developer(store: Store, name: str) -> Account:
     account = await store.account_by_name(name)
     if account is None:
         raise AdminError(f"no account named {name!r} (see `quota-proxy accounts list`)")
     return account
 
 
-async def app_user(store: SqliteStore, account: Account, external_id: str) -> Account:
+async def app_user(store: Store, account: Account, external_id: str) -> Account:
     user = await store.user(account.id, external_id)
     if user is None:
         raise AdminError(f"account {account.name!r} has no user {external_id!r}")
@@ -94,7 +94,7 @@ async def app_user(store: SqliteStore, account: Account, external_id: str) -> Ac
 
 
 async def create_account(
-    store: SqliteStore, settings: Settings, name: str, amount: int | None
+    store: Store, settings: Settings, name: str, amount: int | None
 ) -> dict[str, Any]:
     if not name.strip():
         raise AdminError("an account name must not be empty")
@@ -109,7 +109,7 @@ async def create_account(
 
 
 async def credit(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     name: str,
     amount: int | None,
@@ -134,7 +134,7 @@ async def credit(
 
 
 async def create_key(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     kind: str,
@@ -178,7 +178,7 @@ async def create_key(
 
 
 async def grant(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     external_id: str,

@@ -13,11 +13,11 @@ from quota_proxy.asgi import ASGIApp, Receive, Scope, Send, send_error
 from quota_proxy.errors import InvalidApiKey
 from quota_proxy.keys import digest, key_kind
 from quota_proxy.state import request_state
-from quota_proxy.store import KeyRecord, SqliteStore
+from quota_proxy.store import KeyRecord, Store
 
 
 class KeyCache:
-    def __init__(self, store: SqliteStore, ttl_s: float = 2.0, max_entries: int = 100_000) -> None:
+    def __init__(self, store: Store, ttl_s: float = 2.0, max_entries: int = 100_000) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entries = max_entries

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -22,10 +24,19 @@ from quota_proxy.config import (
     ConfigError,
     Limits,
     Settings,
+    StoreSettings,
     default_config_path,
     load_settings,
 )
-from quota_proxy.store import SqliteStore, StoreError
+from quota_proxy.store import (
+    DashboardStore,
+    Store,
+    StoreError,
+    open_store,
+    supports_dashboard,
+    supports_payments,
+)
+from quota_proxy.store.copy import copy_store
 from quota_proxy.views import account_view, iso_time, key_view, user_view
 
 EXIT_ERROR = 1
@@ -112,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("backup", "copy the store to a new file while the gateway serves (SQLite online backup)")
     p.add_argument("path", type=Path)
+
+    store = cmd("store", "the store itself").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = cmd("copy", "copy the whole store into a new, empty one (SQLite <-> PostgreSQL) and verify it", store)
+    p.add_argument("--to", required=True, metavar="URL_OR_PATH",
+                   help="postgresql://user@host:5432/db, or a SQLite file path")
+    p.add_argument("--password-env", metavar="NAME", help="environment variable with the target's password")
 
     p = cmd("grant", "grant an app user balance from an account's grant pool")
     p.add_argument("--account", required=True)
@@ -264,12 +281,12 @@ def _print(as_json: bool, data: Any, table: Table) -> None:
 
 
 async def _run_store_command(args: argparse.Namespace, settings: Settings) -> tuple[Any, Table]:
-    async with SqliteStore(settings.store.path) as store:
+    async with open_store(settings.store) as store:
         handler = _HANDLERS[(args.command, getattr(args, "action", None))]
         return await handler(args, settings, store)
 
 
-Handler = Callable[[argparse.Namespace, Settings, SqliteStore], Awaitable[tuple[Any, Table]]]
+Handler = Callable[[argparse.Namespace, Settings, Store], Awaitable[tuple[Any, Table]]]
 _HANDLERS: dict[tuple[str, str | None], Handler] = {}
 
 
@@ -282,20 +299,20 @@ def _handles(command: str, action: str | None = None) -> Callable[[Handler], Han
 
 
 @_handles("accounts", "create")
-async def _accounts_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _accounts_create(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
     data = await admin.create_account(store, s, args.name, amount)
     return data, lambda d: f"created account {d['name']} ({d['id']}), balance {d['balance']}\n"
 
 
 @_handles("accounts", "list")
-async def _accounts_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _accounts_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     data = [account_view(a, s.money) for a in await store.list_accounts()]
     return data, lambda d: _table(d, ["name", "id", "balance", "balance_quota_tokens", "held_quota_tokens"])
 
 
 @_handles("keys", "create")
-async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_create(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     routes = tuple(r.strip() for r in args.routes.split(",") if r.strip()) if args.routes else None
     data = await admin.create_key(store, s, args.account, args.kind, args.name, routes,
                                   not args.no_community, args.expires,
@@ -307,14 +324,14 @@ async def _keys_create(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("keys", "list")
-async def _keys_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account_id = (await admin.developer(store, args.account)).id if args.account else None
     data = [key_view(k) for k in await store.list_keys(account_id)]
     return data, lambda d: _table(d, ["id", "prefix", "account", "kind", "name", "expires_at", "revoked_at"])
 
 
 @_handles("keys", "revoke")
-async def _keys_revoke(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _keys_revoke(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     try:
         found = await store.revoke_key(args.key)
     except ValueError as exc:
@@ -326,7 +343,7 @@ async def _keys_revoke(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("credit")
-async def _credit(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _credit(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     amount = admin.quota_tokens(s, args.usd, args.quota_tokens)
     data = await admin.credit(store, s, args.account, amount, args.package, args.description)
     return data, lambda d: (
@@ -336,7 +353,7 @@ async def _credit(args: argparse.Namespace, s: Settings, store: SqliteStore) -> 
 
 
 @_handles("balance")
-async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _balance(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     if args.user:
         user = await admin.app_user(store, account, args.user)
@@ -347,7 +364,7 @@ async def _balance(args: argparse.Namespace, s: Settings, store: SqliteStore) ->
 
 
 @_handles("usage")
-async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _usage(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     buckets = ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
     if args.by == "session":
@@ -383,7 +400,7 @@ async def _usage(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 
 @_handles("ledger", "list")
-async def _ledger_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _ledger_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     limit = None if args.all else args.limit
     data = await admin.ledger_page(store, s, args.account, args.user, limit, args.before)
     return data, _ledger_table
@@ -418,7 +435,7 @@ def _ledger_table(d: dict[str, Any]) -> str:
 
 
 @_handles("ledger", "verify")
-async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _ledger_verify(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     problems = await store.verify_ledger()
     accounts = await store.account_count()
     data = {"ok": not problems, "accounts": accounts, "problems": problems}
@@ -432,14 +449,32 @@ async def _ledger_verify(args: argparse.Namespace, s: Settings, store: SqliteSto
 
 
 @_handles("backup")
-async def _backup(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _backup(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     size = await store.backup(args.path)
     data = {"backup": str(args.path), "bytes": size, "store": str(s.store.path)}
     return data, lambda d: f"backed up {d['store']} to {d['backup']} ({d['bytes']} bytes)\n"
 
 
+@_handles("store", "copy")
+async def _store_copy(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
+    if args.to.startswith(("postgresql://", "postgres://")):
+        password = os.environ.get(args.password_env) if args.password_env else None
+        target_settings = StoreSettings(url=args.to, password=password)
+    else:
+        target_settings = StoreSettings(path=Path(args.to))
+    async with open_store(target_settings) as target:
+        report = await copy_store(store, target)
+        data = {"from": store.description, "to": target.description, "verified": True,
+                **dataclasses.asdict(report)}
+    return data, lambda d: (
+        f"copied {d['accounts']} accounts, {d['keys']} keys, {d['ledger_entries']} ledger entries, "
+        f"{d['requests']} requests, {d['holds']} holds, {d['idempotency_keys']} idempotency keys "
+        f"from {d['from']} to {d['to']}; verified: same balances, ledger ok\n"
+    )
+
+
 @_handles("grant")
-async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _grant(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     data = await admin.grant(store, s, args.account, args.user, args.usd, args.idempotency_key,
                              args.description)
     return data, lambda d: (
@@ -449,21 +484,21 @@ async def _grant(args: argparse.Namespace, s: Settings, store: SqliteStore) -> t
 
 
 @_handles("users", "list")
-async def _users_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_list(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     data = [user_view(u, s.money) for u in await store.list_users(account.id)]
     return data, lambda d: _table(d, ["external_user_id", "balance", "balance_quota_tokens", "billing_mode"])
 
 
 @_handles("users", "show")
-async def _users_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_show(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     data = user_view(await admin.app_user(store, account, args.user), s.money)
     return data, lambda d: _table([d], list(d))
 
 
 @_handles("users", "set-mode")
-async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _users_set_mode(args: argparse.Namespace, s: Settings, store: Store) -> tuple[Any, Table]:
     account = await admin.developer(store, args.account)
     user = await admin.app_user(store, account, args.user)
     await store.set_billing_mode(user.id, args.mode)
@@ -471,8 +506,22 @@ async def _users_set_mode(args: argparse.Namespace, s: Settings, store: SqliteSt
     return data, lambda d: f"{d['external_user_id']}: billing mode {d['billing_mode']}\n"
 
 
+def _dashboard_store(store: Store) -> DashboardStore:
+    if not supports_dashboard(store):
+        raise admin.AdminError("this store has no dashboard sign-in and sessions")
+    return store  # type: ignore[return-value]
+
+
+def _payments_store(store: Store) -> DashboardStore:
+    """Orders, codes and alerts run on the SQLite store's connections so far."""
+    if not supports_payments(store):
+        raise admin.AdminError("orders, codes and alerts are not on the PostgreSQL store yet")
+    return store  # type: ignore[return-value]
+
+
 @_handles("orders", "list")
-async def _orders_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _orders_list(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
     from quota_proxy.payments import admin as pay
 
     data = await pay.list_orders(store, s, args.account, args.limit)
@@ -481,7 +530,8 @@ async def _orders_list(args: argparse.Namespace, s: Settings, store: SqliteStore
 
 
 @_handles("codes", "create")
-async def _codes_create(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _codes_create(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
     from quota_proxy.payments import admin as pay
 
     data = await pay.create_codes(store, s, args.package, args.count, args.expires)
@@ -492,7 +542,8 @@ async def _codes_create(args: argparse.Namespace, s: Settings, store: SqliteStor
 
 
 @_handles("codes", "list")
-async def _codes_list(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _codes_list(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
     from quota_proxy.payments import admin as pay
 
     data = await pay.list_codes(store)
@@ -500,7 +551,8 @@ async def _codes_list(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 
 @_handles("alerts", "set")
-async def _alerts_set(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _alerts_set(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
     from quota_proxy.payments import admin as pay
 
     def split(text: str) -> list[str]:
@@ -512,7 +564,8 @@ async def _alerts_set(args: argparse.Namespace, s: Settings, store: SqliteStore)
 
 
 @_handles("alerts", "show")
-async def _alerts_show(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _alerts_show(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _payments_store(any_store)
     from quota_proxy.payments import admin as pay
 
     return await pay.show_alerts(store, s, args.account), _alerts_table
@@ -529,7 +582,8 @@ def _alerts_table(d: dict[str, Any]) -> str:
 
 
 @_handles("dashboard", "invite")
-async def _dashboard_invite(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _dashboard_invite(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
     from quota_proxy.dashboard.invites import InviteError, invite, server_url
 
     try:
@@ -546,7 +600,8 @@ async def _dashboard_invite(args: argparse.Namespace, s: Settings, store: Sqlite
 
 
 @_handles("dashboard", "logins")
-async def _dashboard_logins(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _dashboard_logins(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
     if args.login_action == "disable":
         if not await store.disable_login(args.email):
             raise admin.AdminError(f"no dashboard login for {args.email!r}")
@@ -560,7 +615,8 @@ async def _dashboard_logins(args: argparse.Namespace, s: Settings, store: Sqlite
 
 
 @_handles("dashboard", "sessions")
-async def _dashboard_sessions(args: argparse.Namespace, s: Settings, store: SqliteStore) -> tuple[Any, Table]:
+async def _dashboard_sessions(args: argparse.Namespace, s: Settings, any_store: Store) -> tuple[Any, Table]:
+    store = _dashboard_store(any_store)
     if args.session_action == "list":
         data = [
             {"id": x.public_id, "email": x.email, "account": x.account_name, "role": x.role.value,
@@ -579,7 +635,7 @@ def _config_view(settings: Settings) -> dict[str, Any]:
     return {
         "ok": True,
         "config": str(settings.source) if settings.source else None,
-        "store": str(settings.store.path),
+        "store": open_store(settings.store).description,  # a URL is shown without its password
         "warnings": list(settings.warnings),
         "routes": [
             {"alias": r.alias, "upstream": ",".join(u.name for u in r.upstreams),

@@ -96,7 +96,15 @@ class DashboardSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
+    """`path` picks SQLite (the default); `url` picks PostgreSQL and the rest tune it."""
+
     path: Path = Path("quota.db")  # relative: to the config file's folder
+    url: str | None = None  # postgresql://user@host:5432/db (not together with path)
+    password_env: str | None = None
+    password: Annotated[str | None, NOT_IN_FILE] = field(default=None, repr=False)
+    pool_size: Annotated[int, Rule(low=1, high=1000)] = 10  # connections per gateway process
+    connect_timeout_s: Annotated[float, Rule(positive=True)] = 5.0
+    command_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +248,20 @@ def parse_settings(
                    "GET /metrics refuses every request until it is")
         server = replace(server, metrics_token=metrics_token)
 
-    store = StoreSettings(**v.read("store", raw.get("store"), StoreSettings))
+    raw_store = raw.get("store")
+    store = StoreSettings(**v.read("store", raw_store, StoreSettings))
     if not store.path.is_absolute():
-        store = StoreSettings(path=base_dir / store.path)
+        store = replace(store, path=base_dir / store.path)
+    if store.url is not None:
+        if isinstance(raw_store, dict) and "path" in raw_store:
+            v.problem("store.url", "give either store.path (SQLite) or store.url (PostgreSQL), not both")
+        if not store.url.startswith(("postgresql://", "postgres://")):
+            v.problem("store.url", 'must start with "postgresql://"')
+    if store.password_env is not None:
+        password = env.get(store.password_env) or None
+        if password is None:
+            v.warn("store.password_env", f"environment variable {store.password_env} is not set")
+        store = replace(store, password=password)
     billing = BillingSettings(**v.read("billing", raw.get("billing"), BillingSettings))
     funding = FundingSettings(**v.read("funding", raw.get("funding"), FundingSettings))
     dashboard = DashboardSettings(**v.read("dashboard", raw.get("dashboard"), DashboardSettings))

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send, send_error
-from quota_proxy.errors import QuotaError
+from quota_proxy.errors import QuotaError, StoreUnavailableError
 from quota_proxy.state import STATE_KEY, RequestState, new_request_id
+from quota_proxy.store import StoreUnavailable
 
 access_log = logging.getLogger("quota_proxy.access")
 error_log = logging.getLogger("quota_proxy.error")
@@ -62,6 +63,12 @@ class RequestContextMiddleware:
             status = status or CLIENT_CLOSED
         except ClientGone:
             status = status or CLIENT_CLOSED
+        except StoreUnavailable as exc:
+            # Fail closed: without the store nothing is authorised, held or forwarded.
+            error_log.warning("store unavailable in request %s: %s", request_id, exc)
+            if status == 0:
+                await send_error(send_with_id, StoreUnavailableError())
+            status = status or 503
         except Exception as exc:
             error_log.error(
                 "unhandled %s in request %s\n%s", type(exc).__name__, request_id, where_it_failed(exc)

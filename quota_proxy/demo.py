@@ -14,7 +14,7 @@ from quota_proxy.config import Settings, parse_settings
 from quota_proxy.fake_upstream import run_fake_upstream
 from quota_proxy.logs import configure_logging
 from quota_proxy.runner import run_server
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import open_store
 
 DEMO_FUNDS_USD = "5"
 
@@ -54,7 +54,7 @@ async def _demo(host: str, port: int) -> None:
     with tempfile.TemporaryDirectory(prefix="quota-proxy-demo-") as tmp:
         async with run_fake_upstream() as upstream:
             settings = demo_settings(upstream.base_url, Path(tmp) / "demo.db", host, port)
-            async with SqliteStore(settings.store.path) as store:
+            async with open_store(settings.store) as store:
                 amount = settings.money.quota_tokens_from_usd(DEMO_FUNDS_USD)
                 await admin.create_account(store, settings, "demo", amount)
                 key = await admin.create_key(store, settings, "demo", "live", "demo", None, True, None)

@@ -14,6 +14,7 @@
     ├── PayloadTooLarge             413 payload_too_large
     ├── RateLimited                 429 rate_limited
     ├── UpstreamError               502 upstream_error
+    ├── StoreUnavailableError       503 store_unavailable (the database is away: fail closed)
     └── UpstreamTimeout             504 upstream_timeout
 
 Foreign errors (the upstream client's, sqlite's) are translated to these at one boundary each.
@@ -120,3 +121,10 @@ class UpstreamError(QuotaError):
 class UpstreamTimeout(QuotaError):
     status, code, type = 504, "upstream_timeout", "api_error"
     default_message = "The upstream model server timed out."
+
+
+class StoreUnavailableError(QuotaError):
+    status, code, type = 503, "store_unavailable", "api_error"
+    default_message = (
+        "The balance store is unreachable; nothing was forwarded or charged. Retry shortly."
+    )

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from quota_proxy.config import LiveSettings, Settings
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store
 
 logger = logging.getLogger("quota_proxy.holds")
 
@@ -30,7 +30,7 @@ def new_owner() -> str:
 
 
 class HoldKeeper:
-    def __init__(self, store: SqliteStore, settings: Settings | LiveSettings, owner: str | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings | LiveSettings, owner: str | None = None) -> None:
         self.store = store
         self.live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
         self.owner = owner or new_owner()

@@ -19,7 +19,7 @@ from quota_proxy.config import BillingSettings, Limits, Route
 from quota_proxy.errors import InsufficientBalance, RateLimited
 from quota_proxy.inference_request import InferenceRequest, Kind
 from quota_proxy.state import Billing
-from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, SqliteStore, TooManyInFlight
+from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, Store, TooManyInFlight
 from quota_proxy.store.models import Outcome
 from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
@@ -89,7 +89,7 @@ def limits_for(key: KeyRecord, route: Route) -> Limits:
     )
 
 
-async def check_rate(store: SqliteStore, key_id: int, limits: Limits) -> None:
+async def check_rate(store: Store, key_id: int, limits: Limits) -> None:
     """Count this request against the key's per-minute limits; 429 when one is reached."""
     if not (limits.rpm or limits.tpm):
         return
@@ -109,7 +109,7 @@ class Meter:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         hold: HoldRequest,
         route: Route,
         billing: Billing,
@@ -133,7 +133,7 @@ class Meter:
     @classmethod
     async def take(
         cls,
-        store: SqliteStore,
+        store: Store,
         policy: HoldPolicy,
         hold: HoldRequest,
         route: Route,

@@ -22,7 +22,7 @@ from quota_proxy.meter import NO_USAGE, HoldPolicy, Meter, check_rate, hold_requ
 from quota_proxy.reply import MeteredReply
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, RequestState, request_state
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store
 from quota_proxy.store.models import Outcome
 from quota_proxy.upstream import Exchange, Hop, HopResult
 
@@ -33,7 +33,7 @@ class MeteringMiddleware:
     def __init__(
         self,
         app: Hop | ASGIApp,
-        store: SqliteStore,
+        store: Store,
         settings: Settings | LiveSettings,
         routes: RouteTable,
         keeper: HoldKeeper,

@@ -7,6 +7,8 @@ upstream, with a TOML file written to tmp_path (so CLI tests can use the same co
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import asyncpg
 import httpx
 import openai
 import orjson
@@ -24,7 +28,7 @@ from quota_proxy import admin
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.config import Limits, Settings, load_settings
 from quota_proxy.runner import run_server
-from quota_proxy.store import Account, SqliteStore
+from quota_proxy.store import Account, Store
 from quota_proxy.testing import RunningUpstream, run_fake_upstream
 
 
@@ -50,11 +54,12 @@ def config_toml(upstream_url: str, store_path: Path, **overrides: Any) -> str:
     server = overrides.get("server", {})
     funding = overrides.get("funding", {})
     extra_routes = overrides.get("routes", "")
+    store = overrides.get("store") or {"path": str(store_path)}
     lines = [
         "[server]",
         *(f"{k} = {_toml(v)}" for k, v in server.items()),
         "[store]",
-        f"path = {_toml(str(store_path))}",
+        *(f"{k} = {_toml(v)}" for k, v in store.items()),
         "[billing]",
         *(f"{k} = {_toml(v)}" for k, v in billing.items()),
         "[funding]",
@@ -138,7 +143,7 @@ class GatewayHarness:
         return f"{self.url}/v1"
 
     @property
-    def store(self) -> SqliteStore:
+    def store(self) -> Store:
         return self.app.store
 
     async def account(self, name: str = "acme", quota_tokens: int = 1_000_000) -> Account:
@@ -169,7 +174,19 @@ class GatewayHarness:
         self._clients.append(client)
         return client
 
+    async def settled(self) -> None:
+        """On a server database, a settlement written just after the reply went out may not
+        have committed when the test reads: give in-flight settlements a moment (SQLite reads
+        queue behind them on the store's one connection)."""
+        if self.settings.store.url is None:
+            return
+        for _ in range(20):
+            if await self.store.open_holds() == 0:
+                return
+            await anyio.sleep(0.05)
+
     async def balance(self, name: str = "acme", user: str | None = None) -> int:
+        await self.settled()
         account = await admin.developer(self.store, name)
         if user is not None:
             account = await admin.app_user(self.store, account, user)
@@ -177,7 +194,33 @@ class GatewayHarness:
         assert fresh is not None
         return fresh.balance
 
+    async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows read around the store, as an operator's database shell would (`?` placeholders)."""
+        return [tuple(r) for r in await self._fetch(sql, params)]
+
+    async def dict_rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._fetch(sql, params)]
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        store = self.settings.store
+        if store.url is None:
+            # The store's own connection: the read queues behind settlements still being written.
+            db = self.store.db  # type: ignore[attr-defined]
+            db.row_factory = sqlite3.Row
+            try:
+                return list(await db.execute_fetchall(sql, params))
+            finally:
+                db.row_factory = None
+        await self.settled()
+        numbered = iter(range(1, len(params) + 1))
+        conn = await asyncpg.connect(store.url)
+        try:
+            return list(await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *params))
+        finally:
+            await conn.close()
+
     async def verify(self) -> None:
+        await self.settled()
         assert await self.store.verify_ledger() == []
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -217,6 +260,12 @@ async def make_gateway(tmp_path: Path, upstream: RunningUpstream) -> AsyncIterat
             count += 1
             config_path = tmp_path / f"quota-proxy-{count}.toml"
             store_path = tmp_path / f"quota-{count}.db"
+            if "store" not in overrides and os.environ.get("QUOTA_TEST_STORE") == "postgres":
+                # The whole gateway suite on PostgreSQL: QUOTA_TEST_STORE=postgres pytest …
+                from tests.pgserver import fresh_database
+
+                url = await stack.enter_async_context(fresh_database("gw"))
+                overrides["store"] = {"url": url, "pool_size": 4}
             config_path.write_text(config_toml(upstream.base_url, store_path, **overrides))
             settings = load_settings(config_path)
             app = create_app(settings)

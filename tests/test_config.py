@@ -259,10 +259,11 @@ def test_every_field_of_every_section_is_a_checked_key(tmp_path: Path) -> None:
     """Keys, types and limits come from the dataclasses: a field added there is a key of the
     file, checked by its type, with no second list to update."""
     checked = 0
+    from_environment = {"metrics_token", "password"}
     for section, cls in SECTIONS.items():
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name == "metrics_token":  # read from the environment, never from the file
+            if f.name in from_environment:  # read from the environment, never from the file
                 problems = problems_of(tmp_path, f'[{section}]\n{f.name} = "x"\n')
                 assert any(p.startswith(f"{section}.{f.name}: unknown key") for p in problems)
                 continue
@@ -272,7 +273,7 @@ def test_every_field_of_every_section_is_a_checked_key(tmp_path: Path) -> None:
             expected = f"{section}.{f.name}: {message}"
             assert matches(expected, problems), (expected, problems)
             checked += 1
-    assert checked == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) - 1
+    assert checked == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) - len(from_environment)
 
 
 def test_new_server_settings_are_validated(tmp_path: Path) -> None:
@@ -349,3 +350,16 @@ def test_the_reader_knows_arrays_urls_fractions_and_nested_tables() -> None:
         "x.weights.cache_read: must be >= 0",
         'x.mode: must be "a" or "b"',
     ]
+
+
+def test_store_url_takes_its_password_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[store]\nurl = "postgresql://quota@db:5432/quota"\npassword_env = "QP_DB_PW"\npool_size = 4\n')
+    settings = load_settings(path, env={"QP_DB_PW": "s3cret"})
+    assert (settings.store.url, settings.store.password, settings.store.pool_size) == (
+        "postgresql://quota@db:5432/quota", "s3cret", 4
+    )
+    assert "s3cret" not in repr(settings.store)
+    assert matches("store.url: give either store.path (SQLite) or store.url (PostgreSQL), not both",
+                   problems_of(tmp_path, '[store]\npath = "q.db"\nurl = "postgresql://x@y/z"\n'))
+    assert matches('store.url: must start with "postgresql://"',
+                   problems_of(tmp_path, '[store]\nurl = "mysql://x@y/z"\n'))

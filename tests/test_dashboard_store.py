@@ -15,8 +15,8 @@ from quota_proxy.app import create_app
 from quota_proxy.config import ConfigError, DashboardSettings, Settings, parse_settings
 from quota_proxy.dashboard.charts import daily_route_chart, last_days
 from quota_proxy.dashboard.security import csrf_for, hash_password, token_digest, verify_password
-from quota_proxy.store import SqliteStore
 from quota_proxy.store.dashboard_models import DayRouteCharge, Role, ThrottleScope
+from quota_proxy.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 

@@ -50,20 +50,17 @@ def assert_bad_request(resp: httpx.Response) -> dict[str, Any]:
 
 async def snapshot(h: GatewayHarness) -> tuple[Any, ...]:
     """Everything a refused request must leave alone: ledger, balances, holds, users, keys."""
-    db = h.store.db
-    ledger = list(await db.execute_fetchall("SELECT count(*), coalesce(sum(amount), 0) FROM ledger"))
+    ledger = await h.rows("SELECT count(*), coalesce(sum(amount), 0) FROM ledger")
     accounts = list(
-        await db.execute_fetchall(
-            "SELECT id, kind, name, parent_id, billing_mode, balance, held FROM accounts ORDER BY id"
-        )
+        await h.rows("SELECT id, kind, name, parent_id, billing_mode, balance, held FROM accounts ORDER BY id")
     )
-    idem = list(await db.execute_fetchall("SELECT account_id, key, request_hash FROM idempotency ORDER BY 1, 2"))
+    idem = await h.rows("SELECT account_id, key, request_hash FROM idempotency ORDER BY 1, 2")
     return ledger, accounts, idem
 
 
 async def ledger_rows(h: GatewayHarness) -> list[tuple[Any, ...]]:
     return list(
-        await h.store.db.execute_fetchall(
+        await h.rows(
             "SELECT l.public_id, a.kind, a.name, l.amount, l.balance_after, l.kind, "
             "l.idempotency_key, l.related_id, l.description, a.parent_id "
             "FROM ledger l JOIN accounts a ON a.id = l.account_id ORDER BY l.id"

@@ -39,7 +39,8 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "core",
         frozenset(
             {"config", "asgi", "views", "state", "store", "store.sqlite", "store.dashboard_sqlite",
-             "payments.stripe_events", "payments.views"}
+             "payments.stripe_events", "payments.views", "store.postgres", "store.protocol", "store.copy",
+             "store.dashboard_postgres"}
         ),
     ),
     # Pure translators between Chat Completions and the agent APIs (errors and usage below).

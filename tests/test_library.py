@@ -21,7 +21,8 @@ from quota_proxy import (
     MeteringMiddleware,
     RouteTable,
     Settings,
-    SqliteStore,
+    Store,
+    StoreSettings,
     admin,
     create_app,
     parse_settings,
@@ -42,10 +43,12 @@ PUBLIC_NAMES = {
     "Route",
     "RouteTable",
     "Settings",
-    "SqliteStore",
+    "Store",
+    "StoreSettings",
     "Upstream",
     "create_app",
     "load_settings",
+    "open_store",
     "parse_settings",
 }
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
@@ -146,12 +149,12 @@ def settings_for(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with SqliteStore(tmp_path / "library.db") as opened:
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with quota_proxy.open_store(StoreSettings(path=tmp_path / "library.db")) as opened:
         yield opened
 
 
-async def test_metering_middleware_wraps_my_own_app(tmp_path: Path, store: SqliteStore) -> None:
+async def test_metering_middleware_wraps_my_own_app(tmp_path: Path, store: Store) -> None:
     settings = settings_for(tmp_path)
     await admin.create_account(store, settings, "acme", 10_000)
     await admin.create_account(store, settings, "broke", None)

@@ -4,7 +4,6 @@ overdraft cap, holds, and many concurrent requests on a small balance (SPEC §1,
 from __future__ import annotations
 
 import math
-import sqlite3
 from typing import Any
 
 import anyio
@@ -30,13 +29,8 @@ def chat(model: str = "quota/fast", content: str = "one two", **extra: Any) -> d
     return {"model": model, "messages": messages(content), **extra}
 
 
-def db_rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    con = sqlite3.connect(f"file:{gateway.settings.store.path}?mode=ro", uri=True)
-    try:
-        con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute(sql, params).fetchall()]
-    finally:
-        con.close()
+async def db_rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return await gateway.dict_rows(sql, params)
 
 
 def assert_402(response: httpx.Response) -> dict[str, Any]:
@@ -56,6 +50,7 @@ def assert_402(response: httpx.Response) -> dict[str, Any]:
 
 
 async def assert_books_clean(gateway: GatewayHarness) -> None:
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     account = await gateway.store.account_by_name("acme")
     assert account is not None and account.held == 0
@@ -176,6 +171,7 @@ async def test_overdraft_cap_lowers_max_tokens_to_what_the_balance_affords(gatew
         assert charged == mult * (5 + sent_cap)
         # ...so the balance never goes below zero.
         assert await gateway.balance(name) == balance - charged >= 0
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -214,7 +210,7 @@ async def test_upstream_5xx_charges_nothing(gateway: GatewayHarness) -> None:
             headers={"authorization": f"Bearer {key}"},
         )
         assert response.status_code == 502, (fail, stream, response.text)
-        rows = db_rows(
+        rows = await db_rows(
             gateway, "SELECT * FROM requests WHERE request_id = ?", (response.headers["x-quota-request-id"],)
         )
         assert [r["charged"] for r in rows] in ([], [0])
@@ -267,6 +263,7 @@ async def test_no_holds_remain_after_requests_finish(gateway: GatewayHarness) ->
         )
     with pytest.raises(openai.APIStatusError):
         await client.chat.completions.create(model="quota/down", messages=messages())
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     account = await gateway.store.account_by_name("acme")
     assert account is not None
@@ -364,13 +361,13 @@ async def test_concurrent_requests_never_overspend(gateway: GatewayHarness) -> N
     assert fresh is not None
     drop = funds - fresh.balance
 
-    charges = db_rows(
+    charges = await db_rows(
         gateway,
         "SELECT amount, request_id FROM ledger WHERE account_id = ? AND kind = 'charge'",
         (account.id,),
     )
     assert -sum(c["amount"] for c in charges) == drop
-    requests = db_rows(
+    requests = await db_rows(
         gateway, "SELECT request_id, charged FROM requests WHERE account_id = ?", (account.id,)
     )
     by_id: dict[str, list[int]] = {}
@@ -387,6 +384,8 @@ async def test_concurrent_requests_never_overspend(gateway: GatewayHarness) -> N
         assert request_id not in charge_ids
     assert set(charge_ids) == set(successes)
     assert sum(charged for rows in by_id.values() for charged in rows) == drop
+
+    await gateway.settled()
 
     assert await gateway.store.open_holds() == 0
     assert fresh.held == 0

@@ -18,9 +18,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from quota_proxy.config import StoreSettings
 from quota_proxy.logs import JsonFormatter, TextFormatter
 from quota_proxy.runner import run_server
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import open_store
 from quota_proxy.testing import run_fake_upstream
 from tests.conftest import GatewayHarness, closed_port, config_toml
 
@@ -311,7 +312,7 @@ async def test_backup_taken_under_load_restores_to_a_store_that_verifies(
     conn = sqlite3.connect(backup_path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
-    async with SqliteStore(backup_path) as restored:
+    async with open_store(StoreSettings(path=backup_path)) as restored:
         problems = await restored.verify_ledger()
         # Holds in flight when the copy was taken are still in it; their accounting must agree.
         assert problems == []

@@ -50,6 +50,7 @@ def assert_error(response: httpx.Response, status: int, code: str, type_: str) -
 
 async def assert_not_charged(gateway: GatewayHarness) -> None:
     assert await gateway.balance("acme") == FUNDS
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -460,6 +461,7 @@ async def test_upstream_silent_before_first_byte_is_504(
     assert ok.json()["model"] == "fake-slow"
     charged = ok.json()["usage"]["charged_quota_tokens"]
     assert await gateway.balance("acme") == FUNDS - charged
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 

@@ -20,10 +20,9 @@ from quota_proxy.store import (
     LedgerEntry,
     Outcome,
     Settlement,
-    SqliteStore,
     billed_tokens,
 )
-from quota_proxy.store.sqlite import LATEST_VERSION, MIGRATIONS, _statements
+from quota_proxy.store.sqlite import LATEST_VERSION, MIGRATIONS, SqliteStore, _statements
 
 pytestmark = pytest.mark.anyio
 

@@ -3,7 +3,6 @@ chunk, metering of streams, disconnects and broken upstream streams (SPEC ยง3, ย
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -36,21 +35,16 @@ def chat(model: str = "quota/fast", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES, "stream": True, **extra}
 
 
-def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any] | None:
-    """The settled request, read from the store's SQLite file, read-only."""
-    con = sqlite3.connect(f"file:{gateway.settings.store.path}?mode=ro", uri=True)
-    try:
-        con.row_factory = sqlite3.Row
-        row = con.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-        return dict(row) if row is not None else None
-    finally:
-        con.close()
+async def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any] | None:
+    """The settled request, read around the store."""
+    rows = await gateway.dict_rows("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+    return rows[0] if rows else None
 
 
 async def settled_row(gateway: GatewayHarness, request_id: str, within_s: float = 3.0) -> dict[str, Any]:
     deadline = time.monotonic() + within_s
     while True:
-        row = request_row(gateway, request_id)
+        row = await request_row(gateway, request_id)
         if row is not None:
             return row
         assert time.monotonic() < deadline, f"request {request_id} was not settled within {within_s}s"
@@ -136,7 +130,7 @@ async def test_usage_chunk_is_hidden_when_the_caller_did_not_ask(gateway: Gatewa
     # Hidden, yet metered from the upstream's usage: exact, not estimated.
     charged = FUNDS - await gateway.balance("acme")
     assert charged == 2 * (PROMPT_TOKENS + 8)
-    row = request_row(gateway, response.headers["x-quota-request-id"])
+    row = await request_row(gateway, response.headers["x-quota-request-id"])
     assert row is not None
     assert row["charged"] == PROMPT_TOKENS + 8
     assert row["estimated"] == 0
@@ -183,6 +177,7 @@ async def test_usage_chunk_is_extended_when_the_caller_asked(gateway: GatewayHar
     assert usage_event["choices"] == []
     assert usage_event["usage"]["charged_quota_tokens"] == PROMPT_TOKENS + 8
     assert usage_event["usage"]["route_multiplier"] == "x1"
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -217,6 +212,7 @@ async def test_client_disconnect_stops_the_upstream_and_charges_what_was_produce
     assert row["estimated"] == 1
     assert row["outcome"] == "client_disconnected"
     assert FUNDS - await gateway.balance("acme") == row["charged"]
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -276,6 +272,7 @@ async def test_upstream_reset_mid_stream_ends_with_an_error_event(gateway: Gatew
         async for chunk in stream:
             seen.append(chunk.choices[0].delta.content or "")
     assert "".join(seen) == "hello "
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -297,6 +294,7 @@ async def test_malformed_sse_passes_through_without_crashing(gateway: GatewayHar
     assert (await http.get("/healthz")).status_code == 200
     reply = await gateway.openai(key).chat.completions.create(model="quota/fast", messages=MESSAGES)
     assert reply.choices[0].message.content == EIGHT_WORDS
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -320,6 +318,7 @@ async def test_stream_without_usage_from_an_old_upstream_is_charged_an_estimate(
     assert row["charged"] == 3 * (row["input_tokens"] + row["output_tokens"])
     assert row["charged"] > 0
     assert FUNDS - await gateway.balance("acme") == row["charged"]
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     await gateway.verify()
 
@@ -353,6 +352,7 @@ async def test_upstream_stalling_mid_stream_ends_with_a_timeout_event(
     assert last["error"]["code"] == "upstream_timeout"
     assert "[DONE]" not in payloads
     await settled_row(gateway, response.headers["x-quota-request-id"])
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
     assert await gateway.balance("acme") >= 0
     await gateway.verify()
@@ -457,6 +457,7 @@ async def test_streams_from_other_upstream_shapes_keep_their_content(make_gatewa
                     assert usages == [], (alias, asked)
                 spent += 10  # metered from the upstream's usage either way
                 assert FUNDS - await gateway.balance("acme") == spent, (alias, asked)
+        await gateway.settled()
         assert await gateway.store.open_holds() == 0
         await gateway.verify()
 
@@ -502,8 +503,6 @@ async def test_chunks_with_a_countless_usage_object_are_kept_and_estimated(
         assert text == "".join(CountlessUsageUpstream.WORDS)
         spent = FUNDS - await gateway.balance("acme")
         assert spent > 0
-        rows = sqlite3.connect(gateway.settings.store.path).execute(
-            "SELECT estimated, charged FROM requests WHERE route = 'mini/x'"
-        ).fetchall()
+        rows = await gateway.rows("SELECT estimated, charged FROM requests WHERE route = 'mini/x'")
         assert rows == [(1, spent)]
         await gateway.verify()

@@ -63,7 +63,7 @@ async def set_mode(http: httpx.AsyncClient, key: str, user: str, mode: str) -> N
 async def charge_rows(h: GatewayHarness) -> list[tuple[Any, ...]]:
     """(account kind, account name, amount, request_id) of every charge in the ledger."""
     return list(
-        await h.store.db.execute_fetchall(
+        await h.rows(
             "SELECT a.kind, a.name, l.amount, l.request_id FROM ledger l "
             "JOIN accounts a ON a.id = l.account_id WHERE l.kind = 'charge' ORDER BY l.id"
         )
@@ -132,6 +132,7 @@ async def test_completion_charges_per_billing_mode_and_is_attributed_to_user(
     view = (await http.get("/v1/users/user_123/balance", headers=auth(secret))).json()
     assert view["billing_mode"] == mode
     await gateway.verify()
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
 
 
@@ -186,6 +187,7 @@ async def test_streaming_through_user_endpoint(gateway: GatewayHarness, mode: st
     assert by_user["user_123"]["requests"] == 2
     assert by_user["user_123"]["charged_quota_tokens"] == total
     await gateway.verify()
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
 
 
@@ -214,6 +216,7 @@ async def test_user_balance_too_low_is_402_and_upstream_not_called(gateway: Gate
     assert await charge_rows(gateway) == []
     # the developer's money does not cover a user-mode user
     await gateway.verify()
+    await gateway.settled()
     assert await gateway.store.open_holds() == 0
 
 
@@ -337,6 +340,7 @@ async def _concurrent_user_spend(
     assert len({row[3] for row in rows}) == len(rows) == len(successes)
     assert await h.balance("acme") == dev_before
     await h.verify()
+    await h.settled()
     assert await h.store.open_holds() == 0
 
 

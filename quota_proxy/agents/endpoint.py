@@ -23,7 +23,7 @@ from quota_proxy.http_client import UpstreamHTTPError
 from quota_proxy.meter import HoldPolicy, HoldRequest, Meter, check_rate, limits_for
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, caller_key, request_state
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import Store
 from quota_proxy.upstream import UpstreamProxy
 
 
@@ -34,7 +34,7 @@ class AgentApi:
     def __init__(
         self,
         proxy: UpstreamProxy,
-        store: SqliteStore,
+        store: Store,
         live: LiveSettings,
         routes: RouteTable,
         keeper: HoldKeeper,

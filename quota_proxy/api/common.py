@@ -16,13 +16,13 @@ from quota_proxy.metrics import Metrics
 from quota_proxy.money import Money
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import caller_key
-from quota_proxy.store import KeyRecord, SqliteStore
+from quota_proxy.store import KeyRecord, Store
 
 
 @dataclass(slots=True)
 class Services:
     live: LiveSettings
-    store: SqliteStore
+    store: Store
     routes: RouteTable
     keys: KeyCache
     metrics: Metrics

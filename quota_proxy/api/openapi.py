@@ -152,7 +152,7 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
-INFERENCE_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 504)
+INFERENCE_ERRORS = (400, 401, 402, 403, 404, 413, 429, 502, 503, 504)  # 503: store_unavailable
 _ORDER: dict[str, Any] = {
     "type": "object",
     "required": ["order_id", "status", "package", "quota_tokens"],
@@ -295,7 +295,7 @@ OPENAPI: dict[str, Any] = {
                             },
                         }
                     ),
-                    **_errors(400, 401, 402, 403, 409, 413),
+                    **_errors(400, 401, 402, 403, 409, 413, 503),
                 },
                 parameters=[
                     {"name": "Idempotency-Key", "in": "header", "required": False,

@@ -10,8 +10,9 @@ from quota_proxy.api.common import Services
 from quota_proxy.api.openapi import OPENAPI
 from quota_proxy.asgi import Receive, Scope, Send, send_bytes, send_json
 from quota_proxy.auth import presented_key
-from quota_proxy.errors import InvalidApiKey, QuotaError
+from quota_proxy.errors import InvalidApiKey, QuotaError, StoreUnavailableError
 from quota_proxy.metrics import CONTENT_TYPE
+from quota_proxy.store import StoreUnavailable
 
 _OPENAPI_BYTES = orjson.dumps(OPENAPI)
 
@@ -34,6 +35,8 @@ class OpsApi:
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.s.store.ping()
+        except StoreUnavailable as exc:
+            raise StoreUnavailableError("The store is unreachable.") from exc
         except Exception as exc:  # any store failure means "not ready", never a 500
             raise NotReady(f"The store is not usable: {type(exc).__name__}.") from None
         await send_json(send, 200, {"status": "ready", "routes": len(self.s.routes.routes)})

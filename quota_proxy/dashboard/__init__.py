@@ -6,6 +6,7 @@ so the inference hot path never goes through Starlette.
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 
 import jinja2
@@ -30,8 +31,11 @@ from quota_proxy.dashboard.web import (
     when,
 )
 from quota_proxy.payments.checkout import Checkout
+from quota_proxy.store import supports_dashboard
 
 __all__ = ["create_dashboard", "mount_dashboard"]
+
+logger = logging.getLogger("quota_proxy.dashboard")
 
 STATIC_FILES = {
     "style.css": "text/css; charset=utf-8",
@@ -169,6 +173,9 @@ def mount_dashboard(
     cooldowns tells the operator's page which upstreams are cooling down after a failure."""
     settings = services.settings.dashboard
     if not settings.enabled:
+        return gateway
+    if not supports_dashboard(services.store):
+        logger.warning("the dashboard is off: this store has no dashboard queries")
         return gateway
     dashboard = _SecurityHeaders(create_dashboard(services, cooldowns, checkout))
     return _PrefixDispatch(gateway, dashboard, settings.path)

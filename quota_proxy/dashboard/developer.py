@@ -25,7 +25,7 @@ from quota_proxy.money import format_usd
 from quota_proxy.payments.checkout import PaymentsDisabled
 from quota_proxy.payments.stripe_checkout import PaymentProviderError
 from quota_proxy.payments.views import alerts_view, parse_thresholds, parse_url
-from quota_proxy.store import Account
+from quota_proxy.store import Account, supports_payments
 from quota_proxy.store.alerts import AlertStore
 from quota_proxy.store.dashboard_models import UsageGroup
 from quota_proxy.store.payments import Order
@@ -68,7 +68,9 @@ async def overview(request: Request, status: int = 200, **values: Any) -> Respon
         "7 days": sum(by_day.get(d, 0) for d in days[-7:]),
         "30 days": sum(by_day.get(d, 0) for d in days),
     }
-    alerts = alerts_view(await AlertStore(store).get(account.id), ctx.dash.money)
+    # Alerts live on the SQLite store only so far: on PostgreSQL the form shows none set.
+    configured = await AlertStore(store).get(account.id) if supports_payments(store) else None
+    alerts = alerts_view(configured, ctx.dash.money)
     values.setdefault("alerts_form", {
         "webhook_url": alerts["webhook_url"] or "",
         "thresholds": ", ".join(t["amount"].lstrip("$") for t in alerts["thresholds"]),

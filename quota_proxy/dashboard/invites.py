@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from quota_proxy.config import Settings
 from quota_proxy.dashboard.security import new_token, token_digest
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import DashboardStore
 from quota_proxy.store.dashboard_models import Invitation, Role
 
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s.]{1,63}")
@@ -41,7 +41,7 @@ def server_url(settings: Settings) -> str:
 
 
 async def invite(
-    store: SqliteStore, settings: Settings, account_name: str, email: str, role: str, base_url: str
+    store: DashboardStore, settings: Settings, account_name: str, email: str, role: str, base_url: str
 ) -> CreatedInvitation:
     email = email.strip().lower()
     if EMAIL.fullmatch(email) is None:

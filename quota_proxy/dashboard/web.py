@@ -17,7 +17,7 @@ from quota_proxy.api.common import Services
 from quota_proxy.dashboard.security import csrf_for, same, token_digest
 from quota_proxy.money import Money
 from quota_proxy.payments.checkout import Checkout
-from quota_proxy.store import SqliteStore
+from quota_proxy.store import DashboardStore
 from quota_proxy.store.dashboard_models import DashboardSession, Role
 
 SESSION_COOKIE = "qp_session"
@@ -53,8 +53,8 @@ class Dashboard:
     checkout: Checkout | None = None  # buying packs; None or disabled: no Buy button
 
     @property
-    def store(self) -> SqliteStore:
-        return self.services.store
+    def store(self) -> DashboardStore:
+        return self.services.store  # type: ignore[return-value]  # mounted only if supports_dashboard
 
     @property
     def money(self) -> Money:

@@ -9,9 +9,9 @@ from quota_proxy.config import Settings
 from quota_proxy.errors import BadRequest
 from quota_proxy.payments.codes import code_digest, generate_code
 from quota_proxy.payments.views import alerts_view, order_view, parse_thresholds, parse_url
-from quota_proxy.store import SqliteStore
 from quota_proxy.store.alerts import AlertStore
 from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store.sqlite import SqliteStore  # orders and codes: SQLite only so far
 from quota_proxy.views import iso_time
 
 MAX_CODES = 10_000

@@ -1,5 +1,12 @@
-"""Persistence behind one interface; SQLite now, a server database later."""
+"""Persistence behind one interface (store.protocol.Store): SQLite by default, PostgreSQL
+when several gateway machines share one set of balances. open_store() picks the engine
+from the config; nothing outside this package names one."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from quota_proxy.config import StoreSettings
 from quota_proxy.store.models import (
     Account,
     ChargeDetails,
@@ -11,13 +18,55 @@ from quota_proxy.store.models import (
     Outcome,
     Settlement,
     StoreError,
+    StoreUnavailable,
     TooManyInFlight,
     UsageRow,
     UsageSummary,
     UsageTotal,
     billed_tokens,
 )
-from quota_proxy.store.sqlite import SqliteStore
+from quota_proxy.store.protocol import Store
+
+if TYPE_CHECKING:  # both engines satisfy the protocol, checked by mypy
+    from quota_proxy.store.postgres import PostgresStore
+    from quota_proxy.store.sqlite import SqliteStore
+
+    _engines: tuple[type[Store], ...] = (SqliteStore, PostgresStore)
+    # A store with the dashboard's queries (sign-in, invitations, sessions, reports): both
+    # engines have them (PostgreSQL by delegation, which mypy does not see), typed as SQLite's.
+    DashboardStore = SqliteStore
+else:
+    DashboardStore = Store
+
+
+def supports_payments(store: Store) -> bool:
+    """Whether orders, redemption codes and alerts can run on this store: so far they use the
+    SQLite store's connections directly (store/payments.py, store/alerts.py)."""
+    return hasattr(type(store), "db")  # the class: the property raises until the store is open
+
+
+def supports_dashboard(store: Store) -> bool:
+    """Whether this store has the dashboard's queries (both engines do; a store passed in
+    by a library user might not)."""
+    return hasattr(store, "create_session")
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """The store the settings name, not yet opened (`await store.open()` or `async with`)."""
+    if settings.url is not None:
+        from quota_proxy.store.postgres import PostgresStore
+
+        return PostgresStore(
+            settings.url,
+            password=settings.password,
+            pool_size=settings.pool_size,
+            connect_timeout_s=settings.connect_timeout_s,
+            command_timeout_s=settings.command_timeout_s,
+        )
+    from quota_proxy.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.path)
+
 
 __all__ = [
     "Account",
@@ -29,11 +78,16 @@ __all__ = [
     "LedgerPage",
     "Outcome",
     "Settlement",
-    "SqliteStore",
+    "DashboardStore",
+    "Store",
     "StoreError",
+    "StoreUnavailable",
     "TooManyInFlight",
     "UsageRow",
     "UsageSummary",
     "UsageTotal",
     "billed_tokens",
+    "open_store",
+    "supports_dashboard",
+    "supports_payments",
 ]

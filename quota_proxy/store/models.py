@@ -211,19 +211,31 @@ def billed_tokens(b: _Buckets) -> int:
     )
 
 
-class InsufficientFunds(Exception):
+class StoreError(Exception):
+    """Base of every error a store raises; on its own: the store cannot be used (file
+    unreadable, schema newer than this code, …).
+
+    StoreError
+    ├── StoreUnavailable      the database cannot be reached now (connection lost, timeout)
+    ├── InsufficientFunds     a hold or grant does not fit the available balance
+    ├── TooManyInFlight       the key already has as many requests in flight as it may
+    └── IdempotencyMismatch   an idempotency key reused with a different request
+    """
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now; the caller must fail closed and may retry later."""
+
+
+class InsufficientFunds(StoreError):
     def __init__(self, available: int) -> None:
         self.available = available
         super().__init__(f"available {available}")
 
 
-class TooManyInFlight(Exception):
+class TooManyInFlight(StoreError):
     """The key already has as many requests in flight as it may."""
 
 
-class IdempotencyMismatch(Exception):
-    pass
-
-
-class StoreError(Exception):
-    """The store cannot be used (file unreadable, schema newer than this code, …)."""
+class IdempotencyMismatch(StoreError):
+    """The idempotency key was used before with a different request."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -55,6 +55,7 @@ MIGRATIONS: dict[int, str] = {
 }
 LATEST_VERSION = max(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
+COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 
 _ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
 _KEY_COLUMNS = (
@@ -187,6 +188,10 @@ class SqliteStore(DashboardQueries):
             await conn.execute(f"PRAGMA synchronous = {synchronous}")
             await conn.execute("PRAGMA foreign_keys = ON")
 
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
     async def close(self) -> None:
         for conn in (self._db, self._tx):
             if conn is not None:
@@ -252,6 +257,24 @@ class SqliteStore(DashboardQueries):
         finally:
             await dest.close()
         return target.stat().st_size
+
+    async def dump(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one of the copied tables, oldest first (store copy)."""
+        if table not in COPY_TABLES:
+            raise ValueError(f"not a copied table: {table}")
+        cursor = await self.db.execute(f"SELECT * FROM {table} ORDER BY rowid")
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def load(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Insert rows in this order, in one transaction, through the schema's triggers."""
+        async with self._durable_tx() as tx:
+            for table, row in steps:
+                if table not in COPY_TABLES:
+                    raise ValueError(f"not a copied table: {table}")
+                columns = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                await tx.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
 
     async def sync(self) -> tuple[int, int]:
         """Put every commit so far on disk: a passive checkpoint, which fsyncs the WAL first.
@@ -545,12 +568,13 @@ class SqliteStore(DashboardQueries):
         charge is then not taken, the hold is gone with it); docs/reliability.md.
         """
         ledger_id = new_id("ledg") if s.charged > 0 else None
-        await self.db.execute(
+        cursor = await self.db.execute(
             "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
             "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
             "estimated, outcome, status, ledger_id, created_at, cache_read_tokens, "
             "cache_write_tokens, cache_write_1h_tokens, reasoning_tokens, session_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING",
             (
                 s.request_id,
                 s.account_id,
@@ -576,6 +600,10 @@ class SqliteStore(DashboardQueries):
                 s.session_id,
             ),
         )
+        if cursor.rowcount == 0:
+            # Settled before: the key is the request id, so nothing is charged twice.
+            row = await self._one("SELECT ledger_id FROM requests WHERE request_id = ?", (s.request_id,))
+            return str(row[0]) if row and row[0] is not None else None
         return ledger_id
 
     async def release_hold(self, hold_id: int) -> None:

@@ -135,10 +135,12 @@ def write_config(
     routes: Iterable[RouteConf],
     billing: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
+    store_url: str | None = None,
 ) -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}"]
     lines += [f"{k} = {_toml(v)}" for k, v in (server or {}).items()]
-    lines += ["[store]", f"path = {_toml(str(store))}", "[billing]"]
+    store_line = f"url = {_toml(store_url)}\npool_size = 4" if store_url else f"path = {_toml(str(store))}"
+    lines += ["[store]", store_line, "[billing]"]
     lines += [f"{k} = {_toml(v)}" for k, v in (billing or {}).items()]
     for up in upstreams:
         lines += [f"[upstreams.{up.name}]", f"base_url = {_toml(up.base_url)}",
