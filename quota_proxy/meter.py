@@ -10,10 +10,14 @@ no-op, so every exit path may call it.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import anyio
 
 from quota_proxy.config import BillingSettings, Limits, Route
 from quota_proxy.errors import InsufficientBalance, RateLimited
@@ -248,3 +252,14 @@ def output_cap(request: InferenceRequest, route: Route) -> int:
     if request.kind is Kind.EMBEDDINGS:
         return 0
     return min(request.caller_cap or route.max_output_tokens, route.max_output_tokens)
+
+
+async def settle_shielded(settle: Awaitable[None]) -> None:
+    """Await a settlement even while this task is being cancelled (shutting down
+    mid-request): the charge must still be written."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        with anyio.CancelScope(shield=True):
+            await settle
+    else:
+        await settle

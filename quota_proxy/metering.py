@@ -9,16 +9,20 @@ user-billed endpoint sets it). Whoever mounts it owns the HoldKeeper it is given
 
 from __future__ import annotations
 
-import asyncio
-
-import anyio
-
 from quota_proxy.asgi import ASGIApp, Message, Receive, Scope, Send, read_body, replay_receive, send_error
 from quota_proxy.config import LiveSettings, Settings
 from quota_proxy.errors import QuotaError, StreamNotSupported
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.inference_request import InferenceRequest, parse_inference_request
-from quota_proxy.meter import NO_USAGE, HoldPolicy, Meter, check_rate, hold_request, limits_for
+from quota_proxy.meter import (
+    NO_USAGE,
+    HoldPolicy,
+    Meter,
+    check_rate,
+    hold_request,
+    limits_for,
+    settle_shielded,
+)
 from quota_proxy.reply import MeteredReply
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, RequestState, request_state
@@ -72,14 +76,7 @@ class MeteringMiddleware:
             result = await self.hop.forward(scope, receive, reply.send, exchange)
             outcome = Outcome.UPSTREAM_MALFORMED if reply.malformed else result.outcome
         finally:
-            task = asyncio.current_task()
-            settle = meter.settle(outcome, reply.final_usage() or NO_USAGE, reply.status)
-            if task is not None and task.cancelling():
-                # Shutting down mid-request: the settlement must still be written.
-                with anyio.CancelScope(shield=True):
-                    await settle
-            else:
-                await settle
+            await settle_shielded(meter.settle(outcome, reply.final_usage() or NO_USAGE, reply.status))
 
     async def _open(self, state: RequestState, request: InferenceRequest, policy: HoldPolicy) -> Meter:
         """Resolve the route, count the request against the key's limits, take the hold."""
