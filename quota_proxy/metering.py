@@ -86,6 +86,9 @@ class MeteringMiddleware:
                     await settle
             else:
                 await settle
+        # The reply's last message goes out only now: whoever has the whole answer can
+        # already see what it cost.
+        await reply.send_last()
 
     async def _open(self, state: RequestState, request: InferenceRequest, policy: HoldPolicy) -> Meter:
         """Resolve the route, count the request against the key's limits, take the hold."""
