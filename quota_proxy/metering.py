@@ -77,6 +77,9 @@ class MeteringMiddleware:
             outcome = Outcome.UPSTREAM_MALFORMED if reply.malformed else result.outcome
         finally:
             await settle_shielded(meter.settle(outcome, reply.final_usage() or NO_USAGE, reply.status))
+        # The reply's last message goes out only now: whoever has the whole answer can
+        # already see what it cost.
+        await reply.send_last()
 
     async def _open(self, state: RequestState, request: InferenceRequest, policy: HoldPolicy) -> Meter:
         """Resolve the route, count the request against the key's limits, take the hold."""

@@ -29,7 +29,9 @@ class MeteredReply:
         self.scope = scope
         self.meter = meter
         self.request = request
-        self._send = send
+        self._send = self._hold_last
+        self._caller = send
+        self.last: Message | None = None  # the reply's final message, sent after the settlement
         self.status = 0
         self.start: Message | None = None
         self.chunks: list[bytes] = []
@@ -61,6 +63,21 @@ class MeteredReply:
         self.chunks.append(body)
         if not more:
             await self._finish_whole()
+
+    async def _hold_last(self, message: Message) -> None:
+        """Everything goes to the caller at once except the final body message: that waits
+        until the settlement is written, so a caller who has the whole answer also sees its
+        charge in the balance."""
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.last = message
+            return
+        await self._caller(message)
+
+    async def send_last(self) -> None:
+        """Send the held final message (after the settlement)."""
+        last, self.last = self.last, None
+        if last is not None:
+            await self._caller(last)
 
     def final_usage(self) -> Usage | None:
         """What to charge: the upstream's report; for a stream without one, an estimate of

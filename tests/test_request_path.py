@@ -12,7 +12,7 @@ from quota_proxy.asgi import Receive, Scope, Send, send_bytes
 from quota_proxy.fake_upstream import HTML_PAGE
 from quota_proxy.runner import run_server
 from tests.conftest import GatewayFactory, GatewayHarness
-from tests.test_streaming import chat, settled_row, setup
+from tests.test_streaming import chat, request_row, settled_row, setup
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +104,17 @@ async def test_an_unexpected_exception_logs_its_frames_once_without_the_prompt(
     assert "Traceback" in text and "inference_request.py" in text and "RuntimeError" in text
     assert secret_prompt not in text and key not in text
     assert response.headers["x-quota-request-id"] in text
+
+
+async def test_the_charge_is_written_before_the_answer_ends(gateway: GatewayHarness) -> None:
+    """A caller who has read the whole answer, stream or not, sees its charge at once."""
+    _, http, auth = await setup(gateway)
+    for stream in (True, False):
+        before = await gateway.balance()
+        response = await http.post("/v1/chat/completions", json=chat(stream=stream), headers=auth)
+        assert response.status_code == 200
+        row = await request_row(gateway, response.headers["x-quota-request-id"])  # no waiting
+        assert row is not None and row["charged"] > 0, stream
+        assert await gateway.balance() == before - row["charged"]
+        account = await gateway.store.account_by_name("acme")
+        assert account is not None and account.held == 0
