@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from quota_proxy.config import ConfigError, load_settings
-from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store import payment_store
 from tests.conftest import GatewayFactory, GatewayHarness, closed_port, config_toml, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -123,11 +123,9 @@ class Shop:
         raise AssertionError(f"no order {order_id}")
 
     async def purchases(self) -> list[tuple[Any, ...]]:
-        return list(
-            await self.h.store.db.execute_fetchall(
-                "SELECT a.name, l.amount, l.kind, l.related_id, l.idempotency_key FROM ledger l "
-                "JOIN accounts a ON a.id = l.account_id WHERE l.kind IN ('purchase', 'refund') ORDER BY l.id"
-            )
+        return await self.h.rows(
+            "SELECT a.name, l.amount, l.kind, l.related_id, l.idempotency_key FROM ledger l "
+            "JOIN accounts a ON a.id = l.account_id WHERE l.kind IN ('purchase', 'refund') ORDER BY l.id"
         )
 
 
@@ -221,7 +219,7 @@ async def test_the_same_event_20_times_concurrently_and_later_credits_once(shop:
     assert await shop.h.balance("acme") == STARTER_TOKENS
     assert len(await shop.purchases()) == 1
     await cli_verify(shop.h)
-    outcomes = await PaymentStore(shop.h.store).event_outcomes("stripe")
+    outcomes = await payment_store(shop.h.store).event_outcomes("stripe")
     assert outcomes == [(event_id, "credited", order["order_id"])]
 
 
@@ -252,7 +250,7 @@ async def test_an_unverifiable_event_credits_nothing(shop: Shop, options: dict[s
     assert statuses == [400]
     assert await shop.h.balance("acme") == 0
     assert (await shop.order(order["order_id"]))["status"] == "pending"
-    assert await PaymentStore(shop.h.store).event_outcomes("stripe") == []
+    assert await payment_store(shop.h.store).event_outcomes("stripe") == []
     # The refused delivery recorded nothing: the genuine one still credits.
     assert await shop.deliver(paid["event"]["id"]) == [200]
     assert await shop.h.balance("acme") == STARTER_TOKENS
@@ -279,7 +277,7 @@ async def test_an_event_for_another_accounts_order_credits_nothing(shop: Shop) -
     assert await shop.h.balance("acme") == 0
     assert await shop.h.balance("globex") == 0
     assert (await shop.order(theirs["order_id"]))["status"] == "pending"
-    outcomes = await PaymentStore(shop.h.store).event_outcomes("stripe")
+    outcomes = await payment_store(shop.h.store).event_outcomes("stripe")
     assert [o[1].split(":")[0] for o in outcomes] == ["mismatch", "mismatch"]
 
 
@@ -298,7 +296,7 @@ async def test_a_wrong_amount_or_currency_credits_nothing(shop: Shop, change: di
 async def test_an_order_of_another_provider_is_not_credited_by_stripe(shop: Shop) -> None:
     acme = await shop.h.store.account_by_name("acme")
     assert acme is not None
-    payments = PaymentStore(shop.h.store)
+    payments = payment_store(shop.h.store)
     other = await payments.create_order(acme.id, "starter", STARTER_CENTS, "usd", STARTER_TOKENS, "paypal")
     await payments.attach_checkout(other.public_id, "cs_test_lookalike", "https://paypal.example/x")
     session = {
@@ -315,7 +313,7 @@ async def test_a_paid_event_that_outran_our_record_of_the_checkout_still_credits
     """The process died between Stripe opening the session and our storing its id."""
     acme = await shop.h.store.account_by_name("acme")
     assert acme is not None
-    payments = PaymentStore(shop.h.store)
+    payments = payment_store(shop.h.store)
     order = await payments.create_order(acme.id, "starter", STARTER_CENTS, "usd", STARTER_TOKENS, "stripe")
     session = {
         "id": "cs_test_unrecorded", "object": "checkout.session", "amount_total": STARTER_CENTS,

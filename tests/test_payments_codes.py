@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from quota_proxy.payments.codes import code_digest, generate_code, normalise
-from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store import payment_store
 from quota_proxy.store.sqlite import now_ms
 from tests.conftest import GatewayHarness
 
@@ -88,7 +88,7 @@ async def test_an_expired_or_unknown_code_credits_nothing(gateway: GatewayHarnes
     code = generate_code()
     digest = code_digest(code)
     assert digest is not None
-    await PaymentStore(h.store).create_codes([digest], "starter", STARTER_TOKENS, now_ms() - 1)
+    await payment_store(h.store).create_codes([digest], "starter", STARTER_TOKENS, now_ms() - 1)
     http = h.http()
     for attempt in (code, generate_code(), "not a code", 42):
         response = await redeem(http, live, attempt)
@@ -113,7 +113,7 @@ async def test_50_concurrent_redemptions_of_one_code_credit_once(gateway: Gatewa
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 400} == {"invalid_code"}
     total = await h.balance("acme") + await h.balance("globex")
     assert total == STARTER_TOKENS
-    purchases = list(await h.store.db.execute_fetchall("SELECT count(*) FROM ledger WHERE kind = 'purchase'"))
+    purchases = await h.rows("SELECT count(*) FROM ledger WHERE kind = 'purchase'")
     assert purchases[0][0] == 1
     await h.verify()
     verified = await anyio.to_thread.run_sync(lambda: h.cli("ledger", "verify", "--json"))
