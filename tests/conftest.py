@@ -288,6 +288,19 @@ async def _close_clients(harness: GatewayHarness) -> None:
 
 
 @pytest.fixture
+async def store_overrides() -> AsyncIterator[dict[str, Any]]:
+    """config_toml overrides for the engine under test, for tests that write their own config
+    (several processes, restarts): none on SQLite; a fresh database with QUOTA_TEST_STORE=postgres."""
+    if os.environ.get("QUOTA_TEST_STORE") != "postgres":
+        yield {}
+        return
+    from tests.pgserver import fresh_database
+
+    async with fresh_database("procs") as url:
+        yield {"store": {"url": url, "pool_size": 4}}
+
+
+@pytest.fixture
 async def gateway(make_gateway: GatewayFactory) -> GatewayHarness:
     harness: GatewayHarness = await make_gateway()
     return harness

@@ -23,6 +23,7 @@ import pytest
 
 from quota_proxy.config import ConfigError, load_settings
 from quota_proxy.store import payment_store
+from quota_proxy.store.payments import EventOutcome
 from tests.conftest import GatewayFactory, GatewayHarness, closed_port, config_toml, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -417,6 +418,29 @@ async def test_a_refund_takes_the_tokens_back_and_a_spent_balance_goes_negative(
     await cli_verify(shop.h)
 
 
+async def test_partial_refunds_processed_concurrently_take_back_the_largest_once(shop: Shop) -> None:
+    """25 cumulative partial refunds of one order (20, 40, … 500 cents), each processed twice,
+    all at once: the events queue on the order (on PostgreSQL, its row lock), so what is taken
+    back is the whole order, once, whatever the order they ran in, and none fails."""
+    order = await shop.checkout("starter")
+    await shop.pay(order)
+    payments = payment_store(shop.h.store)
+    [(intent,)] = await shop.h.rows("SELECT payment_ref FROM orders WHERE public_id = ?", (order["order_id"],))
+    results = await asyncio.gather(*(
+        payments.apply_refund("stripe", f"evt_refund_{i}", "charge.refunded", intent, None, 20 * i, "usd")
+        for i in range(1, 26) for _ in range(2)
+    ))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(EventOutcome.DUPLICATE) == 25, outcomes
+    assert EventOutcome.REFUNDED in outcomes and EventOutcome.MISMATCH not in outcomes
+    assert await shop.h.balance("acme") == 0
+    refunded = await shop.order(order["order_id"])
+    assert refunded["status"] == "refunded" and refunded["refunded_quota_tokens"] == STARTER_TOKENS
+    refunds = [row for row in await shop.purchases() if row[2] == "refund"]
+    assert sum(-row[1] for row in refunds) == STARTER_TOKENS
+    await cli_verify(shop.h)
+
+
 async def test_a_refund_that_outruns_its_payment_is_retried_then_applied(shop: Shop) -> None:
     order = await shop.checkout("starter")
     paid = await shop.pay(order, deliver=False)  # Stripe's completed event is late
@@ -551,13 +575,13 @@ async def test_concurrent_checkouts_and_payments_credit_each_order_once(shop: Sh
 
 
 async def test_two_worker_processes_credit_a_storm_of_one_event_once(
-    tmp_path: Path, upstream: Any, fake_stripe: FakeStripeProcess
+    tmp_path: Path, upstream: Any, fake_stripe: FakeStripeProcess, store_overrides: dict[str, Any]
 ) -> None:
-    """`serve --workers 2`: the duplicate deliveries race in separate processes on one file."""
+    """`serve --workers 2`: the duplicate deliveries race in separate processes on one store."""
     config = tmp_path / "quota-proxy.toml"
     config.write_text(
         config_toml(upstream.base_url, tmp_path / "quota.db", server={"public_url": "https://gw.example"},
-                    extra=stripe_extra(fake_stripe.url))
+                    extra=stripe_extra(fake_stripe.url), **store_overrides)
     )
     env = {**os.environ, "QP_TEST_STRIPE_KEY": API_KEY, "QP_TEST_STRIPE_HOOK": WEBHOOK_SECRET}
 
