@@ -67,7 +67,7 @@ async def overview(request: Request, status: int = 200, **values: Any) -> Respon
         "7 days": sum(by_day.get(d, 0) for d in days[-7:]),
         "30 days": sum(by_day.get(d, 0) for d in days),
     }
-    # Alerts live on the SQLite store only so far: on PostgreSQL the form shows none set.
+    # Both engines keep alerts; a library user's store without them shows none set.
     configured = await alert_store(store).get(account.id) if supports_payments(store) else None
     alerts = alerts_view(configured, ctx.dash.money)
     values.setdefault("alerts_form", {
