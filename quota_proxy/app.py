@@ -30,7 +30,7 @@ from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.dashboard import mount_dashboard
-from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.errors import MethodNotAllowed, NotFound, NotSupported, QuotaError
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
@@ -113,6 +113,9 @@ class Gateway:
             "/webhooks/stripe": {"POST": payments.stripe_webhook},
             "/v1/alerts": {"GET": alerts.show, "PUT": alerts.update},
         }
+        if not supports_payments(self.store):  # a library user's store: a clear 501, not a 500
+            for path in PAYMENT_PATHS:
+                self._exact[path] = dict.fromkeys(self._exact[path], _payments_not_supported)
         self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},
@@ -227,6 +230,16 @@ class Gateway:
             await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+PAYMENT_PATHS = ("/v1/checkout", "/v1/orders", "/v1/redeem", "/webhooks/stripe", "/v1/alerts")
+
+
+async def _payments_not_supported(scope: Scope, receive: Receive, send: Send) -> None:
+    raise NotSupported(
+        "Purchases, redemption codes and alerts need the SQLite or PostgreSQL store; "
+        "this gateway runs on a custom store without them."
+    )
 
 
 def create_app(
