@@ -3,10 +3,11 @@
 A background loop (one per gateway process, started by the app's lifespan) does two things
 every `[alerts] poll_interval_s`:
 
-1. scan: reads the ledger rows written since its persisted cursor and queues one delivery
-   per threshold crossed downward (UNIQUE per crossing, so a re-scan queues nothing new).
-   The request path does no work for alerts at all; an alert follows its crossing by at
-   most one poll interval.
+1. scan: queues one delivery per threshold crossed downward (UNIQUE per crossing, so a
+   re-scan queues nothing new). On SQLite it reads the ledger rows written since its
+   persisted cursor, and the request path does no work for alerts; on PostgreSQL (ids commit
+   out of order) a ledger trigger records crossings as they commit and the scan takes them
+   (store/alerts_postgres.py). An alert follows its crossing by at most one poll interval.
 2. deliver: claims due deliveries with a conditional UPDATE (so processes never race for
    one), POSTs the JSON with `Quota-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
    "t.body" under the account's signing secret>`, and on failure retries after

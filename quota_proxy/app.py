@@ -30,7 +30,7 @@ from quota_proxy.auth import AuthMiddleware, KeyCache
 from quota_proxy.config import ConfigError, LiveSettings, Settings, default_config_path, load_settings
 from quota_proxy.context import RequestContextMiddleware
 from quota_proxy.dashboard import mount_dashboard
-from quota_proxy.errors import MethodNotAllowed, NotFound, QuotaError
+from quota_proxy.errors import MethodNotAllowed, NotFound, NotSupported, QuotaError
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamClient
 from quota_proxy.logs import configure_logging
@@ -39,9 +39,7 @@ from quota_proxy.metrics import Metrics
 from quota_proxy.payments.checkout import Checkout
 from quota_proxy.payments.stripe_checkout import StripeCheckout
 from quota_proxy.routing import RouteTable
-from quota_proxy.store import Store, open_store, supports_payments
-from quota_proxy.store.alerts import AlertStore
-from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store import Store, alert_store, open_store, payment_store, supports_payments
 from quota_proxy.upstream import UpstreamProxy, create_client
 
 logger = logging.getLogger("quota_proxy")
@@ -85,13 +83,12 @@ class Gateway:
             if stripe_settings is not None
             else None
         )
-        # Orders, codes and alerts run on the SQLite store's connections so far (not on
-        # PostgreSQL: see supports_payments); their endpoints fail there until ported.
-        self.checkout = Checkout(PaymentStore(self.store), self.stripe)  # type: ignore[arg-type]
+        # Orders, codes and alerts on the store's engine (store.payment_store / alert_store).
+        self.checkout = Checkout(payment_store(self.store), self.stripe)
         payments = PaymentsApi(self.services, self.checkout)
-        alert_store = AlertStore(self.store)  # type: ignore[arg-type]
-        alerts = AlertsApi(self.services, alert_store)
-        self.alert_dispatcher = AlertDispatcher(alert_store, settings.alerts, settings.money)
+        alerting = alert_store(self.store)
+        alerts = AlertsApi(self.services, alerting)
+        self.alert_dispatcher = AlertDispatcher(alerting, settings.alerts, settings.money)
         self._exact: dict[str, dict[str, ASGIApp]] = {
             "/v1/chat/completions": {"POST": inference},
             "/v1/completions": {"POST": inference},
@@ -116,6 +113,9 @@ class Gateway:
             "/webhooks/stripe": {"POST": payments.stripe_webhook},
             "/v1/alerts": {"GET": alerts.show, "PUT": alerts.update},
         }
+        if not supports_payments(self.store):  # a library user's store: a clear 501, not a 500
+            for path in PAYMENT_PATHS:
+                self._exact[path] = dict.fromkeys(self._exact[path], _payments_not_supported)
         self._openai_models = account.models
         self._user_routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "balance": {"GET": funding.user_balance},
@@ -128,7 +128,7 @@ class Gateway:
                     AuthMiddleware(self._dispatch, keys, PUBLIC_PATHS),
                     self.services,
                     proxy.cooling_down,
-                    self.checkout if supports_payments(self.store) else None,  # no orders on PostgreSQL yet
+                    self.checkout if supports_payments(self.store) else None,  # a library store: no orders
                 ),
                 observers=(metrics.observe,),
             )
@@ -230,6 +230,16 @@ class Gateway:
             await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+PAYMENT_PATHS = ("/v1/checkout", "/v1/orders", "/v1/redeem", "/webhooks/stripe", "/v1/alerts")
+
+
+async def _payments_not_supported(scope: Scope, receive: Receive, send: Send) -> None:
+    raise NotSupported(
+        "Purchases, redemption codes and alerts need the SQLite or PostgreSQL store; "
+        "this gateway runs on a custom store without them."
+    )
 
 
 def create_app(

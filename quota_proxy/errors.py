@@ -113,6 +113,12 @@ class RateLimited(QuotaError):
     default_message = "Rate limit reached for this key."
 
 
+class NotSupported(QuotaError):
+    """The gateway cannot do this with its configuration (e.g. a custom store without orders)."""
+
+    status, code, type = 501, "not_supported", "api_error"
+
+
 class UpstreamError(QuotaError):
     status, code, type = 502, "upstream_error", "api_error"
     default_message = "The upstream model server failed."

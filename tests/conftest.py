@@ -28,7 +28,7 @@ from quota_proxy import admin
 from quota_proxy.app import Gateway, create_app
 from quota_proxy.config import Limits, Settings, load_settings
 from quota_proxy.runner import run_server
-from quota_proxy.store import Account, Store
+from quota_proxy.store import Account, Store, open_store
 from quota_proxy.testing import RunningUpstream, run_fake_upstream
 
 
@@ -266,9 +266,11 @@ async def make_gateway(tmp_path: Path, upstream: RunningUpstream) -> AsyncIterat
 
                 url = await stack.enter_async_context(fresh_database("gw"))
                 overrides["store"] = {"url": url, "pool_size": 4}
+            wrap = overrides.pop("wrap_store", None)
             config_path.write_text(config_toml(upstream.base_url, store_path, **overrides))
             settings = load_settings(config_path)
-            app = create_app(settings)
+            # wrap_store: a library user's own Store around the configured one.
+            app = create_app(settings, store=wrap(open_store(settings.store)) if wrap else None)
             # A test that needs the URL up front (public_url) names the port; else a free one.
             port = overrides.get("server", {}).get("port", 0)
             server = await stack.enter_async_context(run_server(app, lifespan="on", port=port))
@@ -285,6 +287,19 @@ async def _close_clients(harness: GatewayHarness) -> None:
             await client.aclose()
         else:
             await client.close()
+
+
+@pytest.fixture
+async def store_overrides() -> AsyncIterator[dict[str, Any]]:
+    """config_toml overrides for the engine under test, for tests that write their own config
+    (several processes, restarts): none on SQLite; a fresh database with QUOTA_TEST_STORE=postgres."""
+    if os.environ.get("QUOTA_TEST_STORE") != "postgres":
+        yield {}
+        return
+    from tests.pgserver import fresh_database
+
+    async with fresh_database("procs") as url:
+        yield {"store": {"url": url, "pool_size": 4}}
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from quota_proxy.config import ConfigError, load_settings
-from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store import payment_store
+from quota_proxy.store.payments import EventOutcome
 from tests.conftest import GatewayFactory, GatewayHarness, closed_port, config_toml, run_cli
 
 pytestmark = pytest.mark.anyio
@@ -123,11 +124,9 @@ class Shop:
         raise AssertionError(f"no order {order_id}")
 
     async def purchases(self) -> list[tuple[Any, ...]]:
-        return list(
-            await self.h.store.db.execute_fetchall(
-                "SELECT a.name, l.amount, l.kind, l.related_id, l.idempotency_key FROM ledger l "
-                "JOIN accounts a ON a.id = l.account_id WHERE l.kind IN ('purchase', 'refund') ORDER BY l.id"
-            )
+        return await self.h.rows(
+            "SELECT a.name, l.amount, l.kind, l.related_id, l.idempotency_key FROM ledger l "
+            "JOIN accounts a ON a.id = l.account_id WHERE l.kind IN ('purchase', 'refund') ORDER BY l.id"
         )
 
 
@@ -221,7 +220,7 @@ async def test_the_same_event_20_times_concurrently_and_later_credits_once(shop:
     assert await shop.h.balance("acme") == STARTER_TOKENS
     assert len(await shop.purchases()) == 1
     await cli_verify(shop.h)
-    outcomes = await PaymentStore(shop.h.store).event_outcomes("stripe")
+    outcomes = await payment_store(shop.h.store).event_outcomes("stripe")
     assert outcomes == [(event_id, "credited", order["order_id"])]
 
 
@@ -252,7 +251,7 @@ async def test_an_unverifiable_event_credits_nothing(shop: Shop, options: dict[s
     assert statuses == [400]
     assert await shop.h.balance("acme") == 0
     assert (await shop.order(order["order_id"]))["status"] == "pending"
-    assert await PaymentStore(shop.h.store).event_outcomes("stripe") == []
+    assert await payment_store(shop.h.store).event_outcomes("stripe") == []
     # The refused delivery recorded nothing: the genuine one still credits.
     assert await shop.deliver(paid["event"]["id"]) == [200]
     assert await shop.h.balance("acme") == STARTER_TOKENS
@@ -279,7 +278,7 @@ async def test_an_event_for_another_accounts_order_credits_nothing(shop: Shop) -
     assert await shop.h.balance("acme") == 0
     assert await shop.h.balance("globex") == 0
     assert (await shop.order(theirs["order_id"]))["status"] == "pending"
-    outcomes = await PaymentStore(shop.h.store).event_outcomes("stripe")
+    outcomes = await payment_store(shop.h.store).event_outcomes("stripe")
     assert [o[1].split(":")[0] for o in outcomes] == ["mismatch", "mismatch"]
 
 
@@ -298,7 +297,7 @@ async def test_a_wrong_amount_or_currency_credits_nothing(shop: Shop, change: di
 async def test_an_order_of_another_provider_is_not_credited_by_stripe(shop: Shop) -> None:
     acme = await shop.h.store.account_by_name("acme")
     assert acme is not None
-    payments = PaymentStore(shop.h.store)
+    payments = payment_store(shop.h.store)
     other = await payments.create_order(acme.id, "starter", STARTER_CENTS, "usd", STARTER_TOKENS, "paypal")
     await payments.attach_checkout(other.public_id, "cs_test_lookalike", "https://paypal.example/x")
     session = {
@@ -315,7 +314,7 @@ async def test_a_paid_event_that_outran_our_record_of_the_checkout_still_credits
     """The process died between Stripe opening the session and our storing its id."""
     acme = await shop.h.store.account_by_name("acme")
     assert acme is not None
-    payments = PaymentStore(shop.h.store)
+    payments = payment_store(shop.h.store)
     order = await payments.create_order(acme.id, "starter", STARTER_CENTS, "usd", STARTER_TOKENS, "stripe")
     session = {
         "id": "cs_test_unrecorded", "object": "checkout.session", "amount_total": STARTER_CENTS,
@@ -416,6 +415,29 @@ async def test_a_refund_takes_the_tokens_back_and_a_spent_balance_goes_negative(
     )
     assert refused.status_code == 402, refused.text
     assert refused.json()["error"]["code"] == "insufficient_balance"
+    await cli_verify(shop.h)
+
+
+async def test_partial_refunds_processed_concurrently_take_back_the_largest_once(shop: Shop) -> None:
+    """25 cumulative partial refunds of one order (20, 40, … 500 cents), each processed twice,
+    all at once: the events queue on the order (on PostgreSQL, its row lock), so what is taken
+    back is the whole order, once, whatever the order they ran in, and none fails."""
+    order = await shop.checkout("starter")
+    await shop.pay(order)
+    payments = payment_store(shop.h.store)
+    [(intent,)] = await shop.h.rows("SELECT payment_ref FROM orders WHERE public_id = ?", (order["order_id"],))
+    results = await asyncio.gather(*(
+        payments.apply_refund("stripe", f"evt_refund_{i}", "charge.refunded", intent, None, 20 * i, "usd")
+        for i in range(1, 26) for _ in range(2)
+    ))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(EventOutcome.DUPLICATE) == 25, outcomes
+    assert EventOutcome.REFUNDED in outcomes and EventOutcome.MISMATCH not in outcomes
+    assert await shop.h.balance("acme") == 0
+    refunded = await shop.order(order["order_id"])
+    assert refunded["status"] == "refunded" and refunded["refunded_quota_tokens"] == STARTER_TOKENS
+    refunds = [row for row in await shop.purchases() if row[2] == "refund"]
+    assert sum(-row[1] for row in refunds) == STARTER_TOKENS
     await cli_verify(shop.h)
 
 
@@ -553,13 +575,13 @@ async def test_concurrent_checkouts_and_payments_credit_each_order_once(shop: Sh
 
 
 async def test_two_worker_processes_credit_a_storm_of_one_event_once(
-    tmp_path: Path, upstream: Any, fake_stripe: FakeStripeProcess
+    tmp_path: Path, upstream: Any, fake_stripe: FakeStripeProcess, store_overrides: dict[str, Any]
 ) -> None:
-    """`serve --workers 2`: the duplicate deliveries race in separate processes on one file."""
+    """`serve --workers 2`: the duplicate deliveries race in separate processes on one store."""
     config = tmp_path / "quota-proxy.toml"
     config.write_text(
         config_toml(upstream.base_url, tmp_path / "quota.db", server={"public_url": "https://gw.example"},
-                    extra=stripe_extra(fake_stripe.url))
+                    extra=stripe_extra(fake_stripe.url), **store_overrides)
     )
     env = {**os.environ, "QP_TEST_STRIPE_KEY": API_KEY, "QP_TEST_STRIPE_HOOK": WEBHOOK_SECRET}
 

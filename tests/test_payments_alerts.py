@@ -198,10 +198,10 @@ def _kill(proc: subprocess.Popen[str], sig: int) -> None:
 
 
 async def test_an_alert_fires_once_per_crossing_and_survives_a_restart(
-    tmp_path: Path, upstream: Any, receiver: Receiver
+    tmp_path: Path, upstream: Any, receiver: Receiver, store_overrides: dict[str, Any]
 ) -> None:
     config = tmp_path / "quota-proxy.toml"
-    config.write_text(config_toml(upstream.base_url, tmp_path / "quota.db", extra=FAST_ALERTS))
+    config.write_text(config_toml(upstream.base_url, tmp_path / "quota.db", extra=FAST_ALERTS, **store_overrides))
 
     def cli(*args: str) -> Any:
         return json.loads(run_cli("--config", str(config), *args, "--json").stdout)

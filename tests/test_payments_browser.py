@@ -8,7 +8,7 @@ import pytest
 from playwright.async_api import Browser
 
 from quota_proxy.dashboard.invites import invite
-from quota_proxy.store.alerts import AlertStore
+from quota_proxy.store import alert_store
 from tests.conftest import GatewayFactory, GatewayHarness, closed_port
 from tests.test_dashboard_browser import accept_invitation, browser, open_tab, text_of  # noqa: F401
 from tests.test_payments import (  # noqa: F401
@@ -76,12 +76,12 @@ async def test_low_balance_alerts_are_set_on_the_overview(gateway: GatewayHarnes
     await dev.page.get_by_label("Thresholds for each app user's balance (USD, comma-separated)").fill("0.000")
     await dev.page.get_by_role("button", name="Save alerts").click()
     assert "greater than 0" in await text_of(dev.page, "p.error")  # refused, nothing saved
-    assert await AlertStore(gw.store).get(acme.id) is None
+    assert await alert_store(gw.store).get(acme.id) is None
     await dev.page.get_by_label("Thresholds for each app user's balance (USD, comma-separated)").fill("0.25")
     await dev.page.get_by_role("button", name="Save alerts").click()
     await dev.page.get_by_text("Alert settings saved.").wait_for()
     await dev.shot("alerts-saved")
-    saved = await AlertStore(gw.store).get(acme.id)
+    saved = await alert_store(gw.store).get(acme.id)
     assert saved is not None
     assert (saved.webhook_url, saved.thresholds, saved.user_thresholds) == (
         "https://app.example.com/hooks/quota", (5_000_000, 1_500_000), (250_000,)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from quota_proxy.payments.codes import code_digest, generate_code, normalise
-from quota_proxy.store.payments import PaymentStore
+from quota_proxy.store import payment_store
 from quota_proxy.store.sqlite import now_ms
 from tests.conftest import GatewayHarness
 
@@ -29,6 +29,21 @@ async def create_codes(h: GatewayHarness, *args: str) -> dict[str, Any]:
     result = await anyio.to_thread.run_sync(lambda: h.cli("codes", "create", *args, "--json"))
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+async def stored_bytes(h: GatewayHarness) -> bytes:
+    """Everything the store holds: the SQLite file and its WAL, or every PostgreSQL table's
+    rows as text."""
+    path = h.settings.store.path
+    if h.settings.store.url is None:
+        return path.read_bytes() + path.with_name(path.name + "-wal").read_bytes()
+    tables = await h.rows(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+        "AND table_type = 'BASE TABLE'"
+    )
+    assert any(t[0] == "redemption_codes" for t in tables)
+    dumped = [await h.rows(f"SELECT t::text FROM {t[0]} t") for t in tables]  # noqa: S608 - catalog names
+    return "\n".join(r[0] for rows in dumped for r in rows).encode()
 
 
 async def redeem(http: httpx.AsyncClient, key: str, code: Any) -> httpx.Response:
@@ -52,7 +67,7 @@ async def test_a_code_is_printed_once_stored_hashed_and_credits_once(gateway: Ga
     codes = created["codes"]
     assert len(codes) == 3 and len(set(codes)) == 3
     # Only digests are kept: no code's text is anywhere in the store.
-    raw = h.settings.store.path.read_bytes() + h.settings.store.path.with_name(h.settings.store.path.name + "-wal").read_bytes()
+    raw = await stored_bytes(h)
     for code in codes:
         assert normalise(code).encode() not in raw  # type: ignore[union-attr]
         assert code.encode() not in raw
@@ -88,7 +103,7 @@ async def test_an_expired_or_unknown_code_credits_nothing(gateway: GatewayHarnes
     code = generate_code()
     digest = code_digest(code)
     assert digest is not None
-    await PaymentStore(h.store).create_codes([digest], "starter", STARTER_TOKENS, now_ms() - 1)
+    await payment_store(h.store).create_codes([digest], "starter", STARTER_TOKENS, now_ms() - 1)
     http = h.http()
     for attempt in (code, generate_code(), "not a code", 42):
         response = await redeem(http, live, attempt)
@@ -113,7 +128,7 @@ async def test_50_concurrent_redemptions_of_one_code_credit_once(gateway: Gatewa
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 400} == {"invalid_code"}
     total = await h.balance("acme") + await h.balance("globex")
     assert total == STARTER_TOKENS
-    purchases = list(await h.store.db.execute_fetchall("SELECT count(*) FROM ledger WHERE kind = 'purchase'"))
+    purchases = await h.rows("SELECT count(*) FROM ledger WHERE kind = 'purchase'")
     assert purchases[0][0] == 1
     await h.verify()
     verified = await anyio.to_thread.run_sync(lambda: h.cli("ledger", "verify", "--json"))

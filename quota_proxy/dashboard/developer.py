@@ -25,8 +25,7 @@ from quota_proxy.money import format_usd
 from quota_proxy.payments.checkout import PaymentsDisabled
 from quota_proxy.payments.stripe_checkout import PaymentProviderError
 from quota_proxy.payments.views import alerts_view, parse_thresholds, parse_url
-from quota_proxy.store import Account, supports_payments
-from quota_proxy.store.alerts import AlertStore
+from quota_proxy.store import Account, alert_store, supports_payments
 from quota_proxy.store.dashboard_models import UsageGroup
 from quota_proxy.store.payments import Order
 
@@ -68,8 +67,8 @@ async def overview(request: Request, status: int = 200, **values: Any) -> Respon
         "7 days": sum(by_day.get(d, 0) for d in days[-7:]),
         "30 days": sum(by_day.get(d, 0) for d in days),
     }
-    # Alerts live on the SQLite store only so far: on PostgreSQL the form shows none set.
-    configured = await AlertStore(store).get(account.id) if supports_payments(store) else None
+    # Both engines keep alerts; a library user's store without them shows none set.
+    configured = await alert_store(store).get(account.id) if supports_payments(store) else None
     alerts = alerts_view(configured, ctx.dash.money)
     values.setdefault("alerts_form", {
         "webhook_url": alerts["webhook_url"] or "",
@@ -97,7 +96,7 @@ async def save_alerts(request: Request) -> Response:
         user_thresholds = parse_thresholds(dollars(values["user_thresholds"]), "user_thresholds", money)
     except BadRequest as exc:
         return await overview(request, status=400, alerts_error=exc.message, alerts_form=values)
-    await AlertStore(ctx.dash.store).set(ctx.account_id, url, thresholds, user_thresholds)
+    await alert_store(ctx.dash.store).set(ctx.account_id, url, thresholds, user_thresholds)
     return redirect(ctx.dash, "?alerts=saved")
 
 

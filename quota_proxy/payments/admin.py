@@ -9,21 +9,19 @@ from quota_proxy.config import Settings
 from quota_proxy.errors import BadRequest
 from quota_proxy.payments.codes import code_digest, generate_code
 from quota_proxy.payments.views import alerts_view, order_view, parse_thresholds, parse_url
-from quota_proxy.store.alerts import AlertStore
-from quota_proxy.store.payments import PaymentStore
-from quota_proxy.store.sqlite import SqliteStore  # orders and codes: SQLite only so far
+from quota_proxy.store import Store, alert_store, payment_store
 from quota_proxy.views import iso_time
 
 MAX_CODES = 10_000
 
 
-async def list_orders(store: SqliteStore, settings: Settings, account_name: str, limit: int) -> list[dict[str, Any]]:
+async def list_orders(store: Store, settings: Settings, account_name: str, limit: int) -> list[dict[str, Any]]:
     account = await admin.developer(store, account_name)
-    return [order_view(o, settings.money) for o in await PaymentStore(store).orders(account.id, limit)]
+    return [order_view(o, settings.money) for o in await payment_store(store).orders(account.id, limit)]
 
 
 async def create_codes(
-    store: SqliteStore, settings: Settings, package_id: str, count: int, expires: str | None
+    store: Store, settings: Settings, package_id: str, count: int, expires: str | None
 ) -> dict[str, Any]:
     package = next((p for p in settings.packages if p.id == package_id), None)
     if package is None:
@@ -35,7 +33,7 @@ async def create_codes(
     codes = [generate_code() for _ in range(count)]
     digests = [code_digest(c) for c in codes]
     assert all(d is not None for d in digests)
-    ids = await PaymentStore(store).create_codes(
+    ids = await payment_store(store).create_codes(
         [d for d in digests if d is not None], package.id, package.quota_tokens, expires_at
     )
     return {
@@ -47,8 +45,8 @@ async def create_codes(
     }
 
 
-async def list_codes(store: SqliteStore) -> list[dict[str, Any]]:
-    rows = await PaymentStore(store).codes()
+async def list_codes(store: Store) -> list[dict[str, Any]]:
+    rows = await payment_store(store).codes()
     for row in rows:
         for key in ("expires_at", "claimed_at", "created_at"):
             row[key] = iso_time(row[key])
@@ -56,7 +54,7 @@ async def list_codes(store: SqliteStore) -> list[dict[str, Any]]:
 
 
 async def set_alerts(
-    store: SqliteStore,
+    store: Store,
     settings: Settings,
     account_name: str,
     url: str,
@@ -65,7 +63,7 @@ async def set_alerts(
 ) -> dict[str, Any]:
     account = await admin.developer(store, account_name)
     try:
-        saved = await AlertStore(store).set(
+        saved = await alert_store(store).set(
             account.id,
             parse_url(url),
             parse_thresholds(thresholds, "thresholds", settings.money),
@@ -76,8 +74,8 @@ async def set_alerts(
     return {"account": account.name, **alerts_view(saved, settings.money)}
 
 
-async def show_alerts(store: SqliteStore, settings: Settings, account_name: str) -> dict[str, Any]:
+async def show_alerts(store: Store, settings: Settings, account_name: str) -> dict[str, Any]:
     account = await admin.developer(store, account_name)
-    alerts = AlertStore(store)
+    alerts = alert_store(store)
     view = alerts_view(await alerts.get(account.id), settings.money)
     return {"account": account.name, **view, "deliveries": await alerts.deliveries(account.id, 50)}

@@ -28,6 +28,8 @@ from quota_proxy.store.models import (
 from quota_proxy.store.protocol import Store
 
 if TYPE_CHECKING:  # both engines satisfy the protocol, checked by mypy
+    from quota_proxy.store.alerts import AlertStore
+    from quota_proxy.store.payments import PaymentStore
     from quota_proxy.store.postgres import PostgresStore
     from quota_proxy.store.sqlite import SqliteStore
 
@@ -40,9 +42,42 @@ else:
 
 
 def supports_payments(store: Store) -> bool:
-    """Whether orders, redemption codes and alerts can run on this store: so far they use the
-    SQLite store's connections directly (store/payments.py, store/alerts.py)."""
-    return hasattr(type(store), "db")  # the class: the property raises until the store is open
+    """Whether orders, redemption codes and alerts can run on this store: both engines have
+    them (store/payments*.py, store/alerts*.py); a store passed in by a library user might not."""
+    return _engine(store) is not None
+
+
+def _engine(store: Store) -> str | None:
+    from quota_proxy.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        return "sqlite"
+    from quota_proxy.store.postgres import PostgresStore
+
+    return "postgres" if isinstance(store, PostgresStore) else None
+
+
+def payment_store(store: Store) -> PaymentStore:
+    """Orders, provider events and redemption codes on this store's engine."""
+    from quota_proxy.store.payments import PaymentStore
+
+    if _engine(store) == "postgres":
+        from quota_proxy.store.payments_postgres import PostgresPaymentStore
+
+        return PostgresPaymentStore(store)  # type: ignore[arg-type]
+    # SQLite, or a library user's store (which then fails on use: supports_payments says so).
+    return PaymentStore(store)  # type: ignore[arg-type]
+
+
+def alert_store(store: Store) -> AlertStore:
+    """Low-balance alert settings, crossings and deliveries on this store's engine."""
+    from quota_proxy.store.alerts import AlertStore
+
+    if _engine(store) == "postgres":
+        from quota_proxy.store.alerts_postgres import PostgresAlertStore
+
+        return PostgresAlertStore(store)  # type: ignore[arg-type]
+    return AlertStore(store)  # type: ignore[arg-type]
 
 
 def supports_dashboard(store: Store) -> bool:
@@ -86,8 +121,10 @@ __all__ = [
     "UsageRow",
     "UsageSummary",
     "UsageTotal",
+    "alert_store",
     "billed_tokens",
     "open_store",
+    "payment_store",
     "supports_dashboard",
     "supports_payments",
 ]

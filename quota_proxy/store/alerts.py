@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.sql import SqlConnection
 from quota_proxy.store.sqlite import SqliteStore, now_ms
 
 SCOPES = ("account", "users")
@@ -61,6 +63,14 @@ class AlertStore:
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
 
+    @property
+    def _db(self) -> SqlConnection:
+        """Autocommit statements outside a transaction."""
+        return self.store.db
+
+    def _transaction(self) -> AbstractAsyncContextManager[SqlConnection]:
+        return self.store._durable_tx()
+
     async def set(
         self,
         account_id: int,
@@ -69,7 +79,7 @@ class AlertStore:
         user_thresholds: tuple[int, ...],
     ) -> AlertSettings:
         """Replace the account's alert settings; the signing secret is made once and kept."""
-        async with self.store._durable_tx() as db:
+        async with self._transaction() as db:
             await db.execute(
                 "INSERT INTO alert_settings (account_id, webhook_url, signing_secret, updated_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET "
@@ -78,7 +88,8 @@ class AlertStore:
             )
             await db.execute("DELETE FROM alert_thresholds WHERE account_id = ?", (account_id,))
             await db.executemany(
-                "INSERT OR IGNORE INTO alert_thresholds (account_id, scope, threshold) VALUES (?, ?, ?)",
+                "INSERT INTO alert_thresholds (account_id, scope, threshold) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 [(account_id, "account", t) for t in thresholds]
                 + [(account_id, "users", t) for t in user_thresholds],
             )
@@ -87,7 +98,7 @@ class AlertStore:
         return settings
 
     async def get(self, account_id: int) -> AlertSettings | None:
-        db = self.store.db
+        db = self._db
         rows = list(
             await db.execute_fetchall(
                 "SELECT webhook_url, signing_secret FROM alert_settings WHERE account_id = ?",
@@ -118,7 +129,7 @@ class AlertStore:
         (INSERT OR IGNORE on the crossing's UNIQUE key), then the cursor moves forward with a
         conditional UPDATE. A crash in between re-reads the same rows and queues nothing twice.
         """
-        db = self.store.db
+        db = self._db
         cursor = list(await db.execute_fetchall("SELECT ledger_row FROM alert_cursor WHERE id = 1"))
         start = int(cursor[0][0]) if cursor else 0
         last = list(
@@ -168,7 +179,7 @@ class AlertStore:
     async def claim_due(self, lease_ms: int, limit: int = 20) -> list[DueDelivery]:
         """Pending deliveries whose time has come, each claimed by one conditional UPDATE
         (so two gateway processes never send the same attempt) and leased for lease_ms."""
-        db = self.store.db
+        db = self._db
         now = now_ms()
         rows = list(
             await db.execute_fetchall(
@@ -201,7 +212,7 @@ class AlertStore:
         return due
 
     async def delivered(self, delivery_id: int) -> None:
-        await self.store.db.execute(
+        await self._db.execute(
             "UPDATE alert_deliveries SET status = 'delivered', delivered_at = ?, last_error = NULL "
             "WHERE id = ? AND status = 'pending'",
             (now_ms(), delivery_id),
@@ -210,20 +221,20 @@ class AlertStore:
     async def failed(self, delivery_id: int, error: str, retry_at: int | None) -> None:
         """Schedule another attempt at retry_at, or give up (retry_at None)."""
         if retry_at is None:
-            await self.store.db.execute(
+            await self._db.execute(
                 "UPDATE alert_deliveries SET status = 'failed', last_error = ? "
                 "WHERE id = ? AND status = 'pending'",
                 (error[:500], delivery_id),
             )
         else:
-            await self.store.db.execute(
+            await self._db.execute(
                 "UPDATE alert_deliveries SET next_attempt_at = ?, last_error = ? "
                 "WHERE id = ? AND status = 'pending'",
                 (retry_at, error[:500], delivery_id),
             )
 
     async def deliveries(self, developer_id: int, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self.store.db.execute_fetchall(
+        rows = await self._db.execute_fetchall(
             "SELECT d.public_id, a.name, a.kind, d.threshold, d.ledger_id, d.balance_after, d.status, "
             "d.attempts, d.last_error, d.delivered_at, d.created_at FROM alert_deliveries d "
             "JOIN accounts a ON a.id = d.account_id WHERE d.developer_id = ? ORDER BY d.id DESC LIMIT ?",

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.sql import SqlConnection
 from quota_proxy.store.sqlite import SqliteStore, now_ms
 
 _ORDER_COLUMNS = (
@@ -119,10 +119,22 @@ OrderCheck = Callable[[Order], str | None]
 class PaymentStore:
     """Orders, provider events and redemption codes, on the store's transaction connection."""
 
+    # The ledger entry for a credit or a refund, balance_after returned; parameters: public id,
+    # amount, amount again, kind, idempotency key, related id, description, time, account id.
+    ledger_insert = _LEDGER_INSERT
+    # Appended to the order read in an event's transaction: SQLite's transaction is exclusive
+    # already; PostgreSQL locks the row (FOR UPDATE) so concurrent events on it queue.
+    order_lock = ""
+
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
 
-    def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+    @property
+    def _db(self) -> SqlConnection:
+        """Autocommit statements outside a transaction."""
+        return self.store.db
+
+    def _transaction(self) -> AbstractAsyncContextManager[SqlConnection]:
         return self.store._durable_tx()
 
     # -- orders -------------------------------------------------------------------
@@ -138,7 +150,7 @@ class PaymentStore:
     ) -> Order:
         now = now_ms()
         public_id = new_id("ord")
-        await self.store.db.execute(
+        await self._db.execute(
             "INSERT INTO orders (public_id, account_id, package_id, amount_cents, currency, "
             "quota_tokens, provider, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (public_id, account_id, package_id, amount_cents, currency, quota_tokens, provider,
@@ -149,7 +161,7 @@ class PaymentStore:
         return order
 
     async def attach_checkout(self, order_id: str, provider_ref: str, checkout_url: str) -> None:
-        await self.store.db.execute(
+        await self._db.execute(
             "UPDATE orders SET provider_ref = ?, checkout_url = ?, updated_at = ? "
             "WHERE public_id = ? AND provider_ref IS NULL",
             (provider_ref, checkout_url, now_ms(), order_id),
@@ -157,21 +169,21 @@ class PaymentStore:
 
     async def abandon_order(self, order_id: str) -> None:
         """The provider refused to open a checkout: the order can never be paid."""
-        await self.store.db.execute(
+        await self._db.execute(
             "UPDATE orders SET status = 'expired', updated_at = ? "
             "WHERE public_id = ? AND status = 'pending'",
             (now_ms(), order_id),
         )
 
     async def order(self, public_id: str) -> Order | None:
-        rows = await self.store.db.execute_fetchall(
+        rows = await self._db.execute_fetchall(
             f"SELECT {_ORDER_COLUMNS} {_ORDER_FROM} WHERE o.public_id = ?", (public_id,)
         )
         row = next(iter(rows), None)
         return _order(row) if row else None
 
     async def orders(self, account_id: int, limit: int = 100) -> list[Order]:
-        rows = await self.store.db.execute_fetchall(
+        rows = await self._db.execute_fetchall(
             f"SELECT {_ORDER_COLUMNS} {_ORDER_FROM} WHERE o.account_id = ? ORDER BY o.id DESC LIMIT ?",
             (account_id, limit),
         )
@@ -180,7 +192,7 @@ class PaymentStore:
     # -- provider events ----------------------------------------------------------
 
     async def _claim_event(
-        self, tx: aiosqlite.Connection, provider: str, event_id: str, event_type: str
+        self, tx: SqlConnection, provider: str, event_id: str, event_type: str
     ) -> bool:
         """Record the event; False when it was recorded before (a replay or a resend)."""
         rows = await tx.execute_fetchall(
@@ -192,7 +204,7 @@ class PaymentStore:
         return bool(list(rows))
 
     async def _finish_event(
-        self, tx: aiosqlite.Connection, provider: str, event_id: str, result: EventResult
+        self, tx: SqlConnection, provider: str, event_id: str, result: EventResult
     ) -> EventResult:
         outcome = result.outcome.value + (f": {result.detail}" if result.detail else "")
         await tx.execute(
@@ -202,8 +214,10 @@ class PaymentStore:
         )
         return result
 
-    async def _order_in_tx(self, tx: aiosqlite.Connection, where: str, params: tuple[Any, ...]) -> Order | None:
-        rows = await tx.execute_fetchall(f"SELECT {_ORDER_COLUMNS} {_ORDER_FROM} WHERE {where}", params)
+    async def _order_in_tx(self, tx: SqlConnection, where: str, params: tuple[Any, ...]) -> Order | None:
+        rows = await tx.execute_fetchall(
+            f"SELECT {_ORDER_COLUMNS} {_ORDER_FROM} WHERE {where}{self.order_lock}", params
+        )
         row = next(iter(rows), None)
         return _order(row) if row else None
 
@@ -280,7 +294,7 @@ class PaymentStore:
                 f"order {order.public_id} (package {order.package_id}), {provider} event {event_id}"
             )
             await tx.execute_fetchall(
-                _LEDGER_INSERT,
+                self.ledger_insert,
                 (ledger_id, order.quota_tokens, order.quota_tokens, "purchase", event_id,
                  order.public_id, description, now, order.account_id),
             )
@@ -390,7 +404,7 @@ class PaymentStore:
                     f"{order.currency} cents refunded), {provider} event {event_id}"
                 )
                 await tx.execute_fetchall(
-                    _LEDGER_INSERT,
+                    self.ledger_insert,
                     (ledger_id, -take, -take, "refund", event_id, order.public_id, description, now,
                      order.account_id),
                 )
@@ -399,7 +413,7 @@ class PaymentStore:
             )
 
     async def event_outcomes(self, provider: str) -> list[tuple[str, str, str | None]]:
-        rows = await self.store.db.execute_fetchall(
+        rows = await self._db.execute_fetchall(
             "SELECT event_id, outcome, order_id FROM payment_events WHERE provider = ? ORDER BY id",
             (provider,),
         )
@@ -447,7 +461,7 @@ class PaymentStore:
             code_id, package_id, tokens = claimed[0]
             after = list(
                 await tx.execute_fetchall(
-                    _LEDGER_INSERT,
+                    self.ledger_insert,
                     (ledger_id, tokens, tokens, "purchase", None, code_id,
                      f"redemption code {code_id} (package {package_id})", now, account_id),
                 )
@@ -455,7 +469,7 @@ class PaymentStore:
         return Redemption(code_id, package_id, tokens, ledger_id, int(after))
 
     async def codes(self, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = await self.store.db.execute_fetchall(
+        rows = await self._db.execute_fetchall(
             "SELECT c.public_id, c.package_id, c.quota_tokens, c.expires_at, a.name, c.claimed_at, "
             "c.ledger_id, c.created_at FROM redemption_codes c "
             "LEFT JOIN accounts a ON a.id = c.claimed_by ORDER BY c.id DESC LIMIT ?",

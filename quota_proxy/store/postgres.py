@@ -48,7 +48,7 @@ from quota_proxy.store.models import (
 
 logger = logging.getLogger("quota_proxy.store")
 
-MIGRATIONS = ("pg_schema_v1.sql", "pg_schema_v2.sql")
+MIGRATIONS = ("pg_schema_v1.sql", "pg_schema_v2.sql", "pg_schema_v3.sql")
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 _BOOLEANS = frozenset({"estimated", "allow_community"})
 MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time across gateways
