@@ -34,7 +34,7 @@ import orjson
 from quota_proxy.money import Money
 from quota_proxy.payments.settings import AlertConfig
 from quota_proxy.store.alerts import AlertStore, Crossing, DueDelivery
-from quota_proxy.store.sqlite import now_ms
+from quota_proxy.store.records import now_ms
 
 logger = logging.getLogger("quota_proxy.alerts")
 

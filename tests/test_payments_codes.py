@@ -13,7 +13,7 @@ import pytest
 
 from quota_proxy.payments.codes import code_digest, generate_code, normalise
 from quota_proxy.store import payment_store
-from quota_proxy.store.sqlite import now_ms
+from quota_proxy.store.records import now_ms
 from tests.conftest import GatewayHarness
 
 pytestmark = pytest.mark.anyio

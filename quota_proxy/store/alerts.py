@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.records import now_ms
 from quota_proxy.store.sql import SqlConnection
-from quota_proxy.store.sqlite import SqliteStore, now_ms
+from quota_proxy.store.sqlite import SqliteStore
 
 SCOPES = ("account", "users")
 

@@ -21,7 +21,8 @@ from contextlib import AbstractAsyncContextManager
 from quota_proxy.keys import new_id
 from quota_proxy.store.alerts import AlertStore, Crossing, DueDelivery, PayloadBuilder
 from quota_proxy.store.pg_connection import PgAutocommit, durable_transaction
-from quota_proxy.store.postgres import PostgresStore, now_ms
+from quota_proxy.store.postgres import PostgresStore
+from quota_proxy.store.records import now_ms
 from quota_proxy.store.sql import SqlConnection
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import orjson
 
 from quota_proxy.keys import new_id
+from quota_proxy.store.records import now_ms
 from quota_proxy.store.sql import SqlConnection
-from quota_proxy.store.sqlite import SqliteStore, now_ms
+from quota_proxy.store.sqlite import SqliteStore
 
 _ORDER_COLUMNS = (
     "o.id, o.public_id, o.account_id, a.name, o.package_id, o.amount_cents, o.currency, "

@@ -30,13 +30,11 @@ from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.dashboard_postgres import DASHBOARD_METHODS, PostgresDashboardQueries
 from quota_proxy.store.models import (
     Account,
-    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
     LedgerPage,
-    Outcome,
     Settlement,
     StoreError,
     StoreUnavailable,
@@ -44,6 +42,18 @@ from quota_proxy.store.models import (
     UsageRow,
     UsageSummary,
     UsageTotal,
+)
+from quota_proxy.store.records import (
+    ACCOUNT_COLUMNS,
+    BUCKET_COLUMNS,
+    KEY_COLUMNS,
+    KEY_FROM,
+    LEDGER_COLUMNS,
+    LEDGER_SELECT,
+    account_record,
+    key_record,
+    ledger_record,
+    now_ms,
 )
 
 logger = logging.getLogger("quota_proxy.store")
@@ -55,36 +65,7 @@ MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time acros
 TX_ATTEMPTS = 5  # a deadlock or serialization failure is retried this many times, then raised
 SETTLE_ATTEMPTS = 4  # a settlement survives this many lost connections before it is queued
 
-_ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
-_KEY_COLUMNS = (
-    "k.id, k.public_id, k.account_id, a.name, a.public_id, k.kind, k.name, k.prefix, k.routes, "
-    "k.allow_community, k.expires_at, k.revoked_at, k.created_at, k.rpm, k.tpm, k.max_concurrent"
-)
-_KEY_FROM = "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
-_LEDGER_COLUMNS = (
-    "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
-    "related_id, description, created_at"
-)
-# A ledger entry with its request's details, one join: charges carry what they were for.
-_LEDGER_SELECT = """
-SELECT l.id, l.public_id, l.account_id, l.amount, l.balance_after, l.kind, l.request_id,
-       l.idempotency_key, l.related_id, l.description, l.created_at,
-       r.request_id, k.public_id, k.prefix, usr.name, r.route, r.upstream_model,
-       r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens,
-       r.cache_write_1h_tokens, r.reasoning_tokens, r.multiplier, r.charged, r.estimated,
-       r.outcome, r.status, r.session_id
-FROM ledger l
-LEFT JOIN requests r ON r.request_id = l.request_id
-LEFT JOIN api_keys k ON k.id = r.key_id
-LEFT JOIN accounts usr ON usr.id = r.user_id AND usr.kind = 'user'
-"""
-_BUCKET_SUMS = ", ".join(
-    f"sum({c})::bigint"
-    for c in (
-        "requests", "input_tokens", "output_tokens", "charged", "cache_read_tokens",
-        "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens",
-    )
-)
+_BUCKET_SUMS = ", ".join(f"sum({c})::bigint" for c in BUCKET_COLUMNS)
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,  # class 08
@@ -97,10 +78,6 @@ _UNAVAILABLE = (
 
 T = TypeVar("T")
 
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def redact(url: str) -> str:
@@ -126,31 +103,6 @@ async def _reset(conn: asyncpg.Connection) -> None:
     known without asking the server."""
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
-
-
-def _account(row: Any) -> Account:
-    return Account(*row)
-
-
-def _key(row: Any) -> KeyRecord:
-    values = list(row)
-    values[8] = tuple(orjson.loads(values[8])) if values[8] is not None else None
-    return KeyRecord(*values)
-
-
-def _ledger(row: Any) -> LedgerEntry:
-    """A row of _LEDGER_SELECT (or the bare _LEDGER_COLUMNS: no request details)."""
-    values = tuple(row)
-    request = values[11:]
-    charge = None
-    if request and request[0] is not None:
-        details = list(request)
-        details[15] = Outcome(details[15])
-        charge = ChargeDetails(*details)
-    (id_, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key,
-     related_id, description, created_at) = values[:11]
-    return LedgerEntry(id_, public_id, account_id, amount, balance_after, kind, request_id,
-                       idempotency_key, related_id, description, created_at, charge)
 
 
 class PostgresStore:
@@ -383,44 +335,44 @@ class PostgresStore:
         try:
             row = await self._one(
                 f"INSERT INTO accounts (public_id, kind, name, created_at) "
-                f"VALUES ($1, 'developer', $2, $3) RETURNING {_ACCOUNT_COLUMNS}",
+                f"VALUES ($1, 'developer', $2, $3) RETURNING {ACCOUNT_COLUMNS}",
                 new_id("acct"), name, now_ms(), again=False, durable=True,
             )
         except asyncpg.UniqueViolationError:
             raise ValueError(f"an account named {name!r} already exists") from None
-        return _account(row)
+        return account_record(row)
 
     async def account_by_name(self, name: str) -> Account | None:
         row = await self._one(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = $1", name
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = $1", name
         )
-        return _account(row) if row else None
+        return account_record(row) if row else None
 
     async def account(self, account_id: int) -> Account | None:
-        row = await self._one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
-        return _account(row) if row else None
+        row = await self._one(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
+        return account_record(row) if row else None
 
     async def list_accounts(self) -> list[Account]:
         rows = await self._all(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
         )
-        return [_account(r) for r in rows]
+        return [account_record(r) for r in rows]
 
     async def user(self, developer_id: int, external_user_id: str) -> Account | None:
         row = await self._one(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
             "WHERE kind = 'user' AND parent_id = $1 AND name = $2",
             developer_id, external_user_id,
         )
-        return _account(row) if row else None
+        return account_record(row) if row else None
 
     async def list_users(self, developer_id: int) -> list[Account]:
         rows = await self._all(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
             "WHERE kind = 'user' AND parent_id = $1 ORDER BY name",
             developer_id,
         )
-        return [_account(r) for r in rows]
+        return [account_record(r) for r in rows]
 
     async def set_billing_mode(self, user_id: int, mode: str) -> None:
         await self._execute(
@@ -436,12 +388,12 @@ class PostgresStore:
             row = await self._one(
                 f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 f"description, created_at) VALUES ($1, $2, $3, 0, $4, $5, $6) "
-                f"RETURNING {_LEDGER_COLUMNS}",
+                f"RETURNING {LEDGER_COLUMNS}",
                 new_id("ledg"), account_id, amount, kind, description, now_ms(), again=False, durable=True,
             )
         except (asyncpg.ForeignKeyViolationError, asyncpg.RaiseError):
             raise ValueError("no such account") from None
-        return _ledger(row)
+        return ledger_record(row)
 
     async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
         """The newest entries, each with its request's details (see ledger_page)."""
@@ -456,10 +408,10 @@ class PostgresStore:
             raise ValueError("limit must be at least 1")
         before_id = before if before is not None else 2**63 - 1
         rows = await self._all(
-            f"{_LEDGER_SELECT} WHERE l.account_id = $1 AND l.id < $2 ORDER BY l.id DESC LIMIT $3",
+            f"{LEDGER_SELECT} WHERE l.account_id = $1 AND l.id < $2 ORDER BY l.id DESC LIMIT $3",
             account_id, before_id, limit,
         )
-        entries = tuple(_ledger(r) for r in rows)
+        entries = tuple(ledger_record(r) for r in rows)
         more = 0
         if entries and limit is not None and len(entries) == limit:
             row = await self._one(
@@ -471,8 +423,8 @@ class PostgresStore:
 
     async def ledger_entry(self, public_id: str) -> LedgerEntry | None:
         """One entry by its ledg_ id, with its request's details."""
-        row = await self._one(f"{_LEDGER_SELECT} WHERE l.public_id = $1", public_id)
-        return _ledger(row) if row else None
+        row = await self._one(f"{LEDGER_SELECT} WHERE l.public_id = $1", public_id)
+        return ledger_record(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
         """Accounts whose balance differs from the sum of their ledger, or whose held amount
@@ -533,32 +485,32 @@ class PostgresStore:
             f"WITH k AS (INSERT INTO api_keys (public_id, account_id, kind, name, digest, prefix, "
             f"routes, allow_community, expires_at, created_at, rpm, tpm, max_concurrent) "
             f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING *) "
-            f"SELECT {_KEY_COLUMNS} FROM k JOIN accounts a ON a.id = k.account_id",
+            f"SELECT {KEY_COLUMNS} FROM k JOIN accounts a ON a.id = k.account_id",
             new_id("key"), account_id, kind, name, digest, prefix,
             orjson.dumps(list(routes)).decode() if routes is not None else None,
             allow_community, expires_at, now_ms(), rpm, tpm, max_concurrent, again=False, durable=True,
         )
-        return _key(row)
+        return key_record(row)
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        row = await self._one(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.digest = $1", digest)
-        return _key(row) if row else None
+        row = await self._one(f"SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.digest = $1", digest)
+        return key_record(row) if row else None
 
     async def list_keys(self, account_id: int | None = None) -> list[KeyRecord]:
         if account_id:
             rows = await self._all(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.account_id = $1 ORDER BY k.id", account_id
+                f"SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.account_id = $1 ORDER BY k.id", account_id
             )
         else:
-            rows = await self._all(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} ORDER BY k.id")
-        return [_key(r) for r in rows]
+            rows = await self._all(f"SELECT {KEY_COLUMNS} {KEY_FROM} ORDER BY k.id")
+        return [key_record(r) for r in rows]
 
     async def revoke_key(self, id_or_prefix: str) -> list[KeyRecord]:
         """Revoke by public id or display prefix; refuses an ambiguous prefix."""
         rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.public_id = $1 OR k.prefix = $1", id_or_prefix
+            f"SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.public_id = $1 OR k.prefix = $1", id_or_prefix
         )
-        keys = [_key(r) for r in rows]
+        keys = [key_record(r) for r in rows]
         if len(keys) > 1:
             raise ValueError(
                 f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "

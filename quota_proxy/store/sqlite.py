@@ -28,19 +28,28 @@ from quota_proxy.keys import new_id
 from quota_proxy.store.dashboard_sqlite import DashboardQueries
 from quota_proxy.store.models import (
     Account,
-    ChargeDetails,
     IdempotencyMismatch,
     InsufficientFunds,
     KeyRecord,
     LedgerEntry,
     LedgerPage,
-    Outcome,
     Settlement,
     StoreError,
     TooManyInFlight,
     UsageRow,
     UsageSummary,
     UsageTotal,
+)
+from quota_proxy.store.records import (
+    ACCOUNT_COLUMNS,
+    BUCKET_COLUMNS,
+    KEY_COLUMNS,
+    LEDGER_COLUMNS,
+    LEDGER_SELECT,
+    account_record,
+    key_record,
+    ledger_record,
+    now_ms,
 )
 
 # Schema versions and their scripts, applied in order. Numbers are reserved per branch, so
@@ -57,37 +66,8 @@ LATEST_VERSION = max(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 
-_ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
-_KEY_COLUMNS = (
-    "k.id, k.public_id, k.account_id, a.name, a.public_id, k.kind, k.name, k.prefix, k.routes, "
-    "k.allow_community, k.expires_at, k.revoked_at, k.created_at, k.rpm, k.tpm, k.max_concurrent"
-)
-_LEDGER_COLUMNS = (
-    "id, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key, "
-    "related_id, description, created_at"
-)
-# A ledger entry with its request's details, one join: charges carry what they were for.
-_LEDGER_SELECT = """
-SELECT l.id, l.public_id, l.account_id, l.amount, l.balance_after, l.kind, l.request_id,
-       l.idempotency_key, l.related_id, l.description, l.created_at,
-       r.request_id, k.public_id, k.prefix, usr.name, r.route, r.upstream_model,
-       r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens,
-       r.cache_write_1h_tokens, r.reasoning_tokens, r.multiplier, r.charged, r.estimated,
-       r.outcome, r.status, r.session_id
-FROM ledger l
-LEFT JOIN requests r ON r.request_id = l.request_id
-LEFT JOIN api_keys k ON k.id = r.key_id
-LEFT JOIN accounts usr ON usr.id = r.user_id AND usr.kind = 'user'
-"""
-_BUCKET_SUMS = (
-    "sum(requests), sum(input_tokens), sum(output_tokens), sum(charged), sum(cache_read_tokens), "
-    "sum(cache_write_tokens), sum(cache_write_1h_tokens), sum(reasoning_tokens)"
-)
+_BUCKET_SUMS = ", ".join(f"sum({c})" for c in BUCKET_COLUMNS)
 _NO_LIMIT = -1  # SQLite's LIMIT -1: every row
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _connect_sync(path: Path) -> sqlite3.Connection:
@@ -142,32 +122,6 @@ def migrate(path: Path) -> int:
         raise StoreError(f"{path}: {exc}") from exc
     finally:
         conn.close()
-
-
-def _account(row: Any) -> Account:
-    return Account(*row)
-
-
-def _key(row: Any) -> KeyRecord:
-    values = list(row)
-    values[8] = tuple(orjson.loads(values[8])) if values[8] is not None else None
-    values[9] = bool(values[9])
-    return KeyRecord(*values)
-
-
-def _ledger(row: Any) -> LedgerEntry:
-    """A row of _LEDGER_SELECT (or the bare _LEDGER_COLUMNS: no request details)."""
-    request = row[11:]
-    charge = None
-    if request and request[0] is not None:
-        values = list(request)
-        values[14] = bool(values[14])  # estimated
-        values[15] = Outcome(values[15])
-        charge = ChargeDetails(*values)
-    (id_, public_id, account_id, amount, balance_after, kind, request_id, idempotency_key,
-     related_id, description, created_at) = row[:11]
-    return LedgerEntry(id_, public_id, account_id, amount, balance_after, kind, request_id,
-                       idempotency_key, related_id, description, created_at, charge)
 
 
 class SqliteStore(DashboardQueries):
@@ -298,45 +252,45 @@ class SqliteStore(DashboardQueries):
             async with self._durable_tx() as tx:
                 rows = await tx.execute_fetchall(
                     f"INSERT INTO accounts (public_id, kind, name, created_at) "
-                    f"VALUES (?, 'developer', ?, ?) RETURNING {_ACCOUNT_COLUMNS}",
+                    f"VALUES (?, 'developer', ?, ?) RETURNING {ACCOUNT_COLUMNS}",
                     (new_id("acct"), name, now_ms()),
                 )
         except sqlite3.IntegrityError:
             raise ValueError(f"an account named {name!r} already exists") from None
-        return _account(next(iter(rows)))
+        return account_record(next(iter(rows)))
 
     async def account_by_name(self, name: str) -> Account | None:
         row = await self._one(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = ?",
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' AND name = ?",
             (name,),
         )
-        return _account(row) if row else None
+        return account_record(row) if row else None
 
     async def account(self, account_id: int) -> Account | None:
-        row = await self._one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
-        return _account(row) if row else None
+        row = await self._one(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+        return account_record(row) if row else None
 
     async def list_accounts(self) -> list[Account]:
         rows = await self._all(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'developer' ORDER BY name"
         )
-        return [_account(r) for r in rows]
+        return [account_record(r) for r in rows]
 
     async def user(self, developer_id: int, external_user_id: str) -> Account | None:
         row = await self._one(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
             "WHERE kind = 'user' AND parent_id = ? AND name = ?",
             (developer_id, external_user_id),
         )
-        return _account(row) if row else None
+        return account_record(row) if row else None
 
     async def list_users(self, developer_id: int) -> list[Account]:
         rows = await self._all(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
             "WHERE kind = 'user' AND parent_id = ? ORDER BY name",
             (developer_id,),
         )
-        return [_account(r) for r in rows]
+        return [account_record(r) for r in rows]
 
     async def set_billing_mode(self, user_id: int, mode: str) -> None:
         async with self._durable_tx() as tx:
@@ -354,13 +308,13 @@ class SqliteStore(DashboardQueries):
             rows = await tx.execute_fetchall(
                 f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 f"description, created_at) SELECT ?, id, ?, balance + ?, ?, ?, ? FROM accounts "
-                f"WHERE id = ? RETURNING {_LEDGER_COLUMNS}",
+                f"WHERE id = ? RETURNING {LEDGER_COLUMNS}",
                 (new_id("ledg"), amount, amount, kind, description, now_ms(), account_id),
             )
             row = next(iter(rows), None)
             if row is None:
                 raise ValueError("no such account")
-        return _ledger(row)
+        return ledger_record(row)
 
     async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerEntry]:
         """The newest entries, each with its request's details (see ledger_page)."""
@@ -379,10 +333,10 @@ class SqliteStore(DashboardQueries):
             raise ValueError("limit must be at least 1")
         before_id = before if before is not None else 2**63 - 1
         rows = await self._all(
-            f"{_LEDGER_SELECT} WHERE l.account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+            f"{LEDGER_SELECT} WHERE l.account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
             (account_id, before_id, _NO_LIMIT if limit is None else limit),
         )
-        entries = tuple(_ledger(r) for r in rows)
+        entries = tuple(ledger_record(r) for r in rows)
         more = 0
         if entries and limit is not None and len(entries) == limit:
             row = await self._one(
@@ -394,8 +348,8 @@ class SqliteStore(DashboardQueries):
 
     async def ledger_entry(self, public_id: str) -> LedgerEntry | None:
         """One entry by its ledg_ id, with its request's details."""
-        row = await self._one(f"{_LEDGER_SELECT} WHERE l.public_id = ?", (public_id,))
-        return _ledger(row) if row else None
+        row = await self._one(f"{LEDGER_SELECT} WHERE l.public_id = ?", (public_id,))
+        return ledger_record(row) if row else None
 
     async def verify_ledger(self) -> list[dict[str, Any]]:
         """Accounts whose balance differs from the sum of their ledger, whose held amount
@@ -467,38 +421,38 @@ class SqliteStore(DashboardQueries):
                 ),
             )
             rows = await tx.execute_fetchall(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+                f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
                 "WHERE k.id = ?",
                 (next(iter(inserted))[0],),
             )
-        return _key(next(iter(rows)))
+        return key_record(next(iter(rows)))
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
         row = await self._one(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
             "WHERE k.digest = ?",
             (digest,),
         )
-        return _key(row) if row else None
+        return key_record(row) if row else None
 
     async def list_keys(self, account_id: int | None = None) -> list[KeyRecord]:
         where, params = ("WHERE k.account_id = ?", (account_id,)) if account_id else ("", ())
         rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+            f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
             f"{where} ORDER BY k.id",
             params,
         )
-        return [_key(r) for r in rows]
+        return [key_record(r) for r in rows]
 
     async def revoke_key(self, id_or_prefix: str) -> list[KeyRecord]:
         """Revoke by public id or display prefix; refuses an ambiguous prefix."""
         async with self._durable_tx() as tx:
             rows = await tx.execute_fetchall(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+                f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id "
                 "WHERE k.public_id = ? OR k.prefix = ?",
                 (id_or_prefix, id_or_prefix),
             )
-            keys = [_key(r) for r in rows]
+            keys = [key_record(r) for r in rows]
             if len(keys) > 1:
                 raise ValueError(
                     f"{id_or_prefix!r} matches {len(keys)} keys; revoke by id: "
