@@ -29,6 +29,7 @@ from quota_proxy.store.dashboard_models import (
     UsageLine,
 )
 from quota_proxy.store.models import Account
+from quota_proxy.store.records import REQUEST_USAGE_LINE_SUMS, USAGE_LINE_SUMS
 
 _LOGIN_COLUMNS = (
     "l.id, l.public_id, l.email, l.account_id, a.name, l.role, l.password_hash, l.created_at, "
@@ -327,14 +328,7 @@ class DashboardQueries:
         session sum the account's request rows of the period.
         """
         since = _since_day(days)
-        sums = (
-            "sum(requests), sum(input_tokens), sum(cache_read_tokens), "
-            "sum(cache_write_tokens + cache_write_1h_tokens), sum(output_tokens), sum(charged)"
-        )
-        request_sums = (
-            "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
-            "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
-        )
+        sums, request_sums = USAGE_LINE_SUMS, REQUEST_USAGE_LINE_SUMS
         start_ms = calendar.timegm(time.strptime(since, "%Y-%m-%d")) * 1000
         if group is UsageGroup.DAY or group is UsageGroup.ROUTE:
             column = group.value

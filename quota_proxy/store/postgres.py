@@ -50,6 +50,8 @@ from quota_proxy.store.records import (
     KEY_FROM,
     LEDGER_COLUMNS,
     LEDGER_SELECT,
+    REQUEST_USAGE_LINE_SUMS,
+    USAGE_LINE_SUMS,
     account_record,
     key_record,
     ledger_record,
@@ -721,14 +723,7 @@ class PostgresStore:
         /v1/usage): day and route from the per-account roll-up, user from the per-user one,
         key and agent session from the request rows of the period."""
         since = _since(days)
-        sums = (
-            "sum(requests), sum(input_tokens), sum(cache_read_tokens), "
-            "sum(cache_write_tokens + cache_write_1h_tokens), sum(output_tokens), sum(charged)"
-        )
-        request_sums = (
-            "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
-            "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
-        )
+        sums, request_sums = USAGE_LINE_SUMS, REQUEST_USAGE_LINE_SUMS
         start_ms = calendar.timegm(time.strptime(since, "%Y-%m-%d")) * 1000
         if group is UsageGroup.DAY or group is UsageGroup.ROUTE:
             column = group.value

@@ -41,6 +41,16 @@ BUCKET_COLUMNS = (
     "requests", "input_tokens", "output_tokens", "charged", "cache_read_tokens",
     "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens",
 )  # fmt: skip
+# One line of GET /v1/usage (requests, input, cache read, cache write, output, charged),
+# summed from the roll-up tables or from the request rows (aliased r) of a period.
+USAGE_LINE_SUMS = (
+    "sum(requests), sum(input_tokens), sum(cache_read_tokens), "
+    "sum(cache_write_tokens + cache_write_1h_tokens), sum(output_tokens), sum(charged)"
+)
+REQUEST_USAGE_LINE_SUMS = (
+    "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
+    "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
+)
 
 
 def now_ms() -> int:
