@@ -25,7 +25,7 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from quota_proxy.money import Money, Multiplier, parse_decimal
 from quota_proxy.payments.settings import AlertConfig, PaymentSettings, parse_alerts, parse_payments
-from quota_proxy.usage import BucketWeights
+from quota_proxy.usage import DEFAULT_WEIGHTS, BucketWeights
 
 DEFAULT_CONFIG_NAME = "quota-proxy.toml"
 TIERS = ("trusted", "community")
@@ -105,6 +105,10 @@ class StoreSettings:
     pool_size: Annotated[int, Rule(low=1, high=1000)] = 10  # connections per gateway process
     connect_timeout_s: Annotated[float, Rule(positive=True)] = 5.0
     command_timeout_s: Annotated[float, Rule(positive=True)] = 10.0
+    # Settlements wait here for their group commit (store/group_commit.py); default: beside
+    # the SQLite file, or `quota-settlements` beside the config file for PostgreSQL.
+    journal: Path | None = None
+    settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 0  # how long a group may wait for company
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,7 @@ class Route:
     description: str = ""
     limits: Annotated[Limits, NOT_IN_FILE] = Limits()
     match: tuple[str, ...] = ()  # more model names or fnmatch patterns ("claude-sonnet-*")
-    weights: BucketWeights = BucketWeights()  # [routes."x".weights]: per-bucket price weights
+    weights: BucketWeights = DEFAULT_WEIGHTS  # [routes."x".weights]: per-bucket price weights
 
     @property
     def upstream(self) -> Upstream:
@@ -252,6 +256,10 @@ def parse_settings(
     store = StoreSettings(**v.read("store", raw_store, StoreSettings))
     if not store.path.is_absolute():
         store = replace(store, path=base_dir / store.path)
+    if store.journal is None and store.url is not None:
+        store = replace(store, journal=base_dir / "quota-settlements")
+    elif store.journal is not None and not store.journal.is_absolute():
+        store = replace(store, journal=base_dir / store.journal)
     if store.url is not None:
         if isinstance(raw_store, dict) and "path" in raw_store:
             v.problem("store.url", "give either store.path (SQLite) or store.url (PostgreSQL), not both")

@@ -3,21 +3,18 @@
     (start) --take()--> HELD --settle(outcome, usage)--> SETTLED
 
 `take()` reserves the worst case (the prompt estimate plus every completion's output cap);
-in `overdraft = "cap"` mode it lowers the output cap until the hold fits. `settle()` writes
-the charge, releases the hold and records usage in one store statement; a second call is a
-no-op, so every exit path may call it.
+in `overdraft = "cap"` mode it lowers the output cap until the hold fits. `settle()` hands
+the charge, the hold's release and the usage to the store as one settlement (journaled at
+once, committed with the next group); a second call is a no-op, so every exit path may call
+it, and it never waits, so a cancelled request still settles.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-
-import anyio
 
 from quota_proxy.config import BillingSettings, Limits, Route
 from quota_proxy.errors import InsufficientBalance, RateLimited
@@ -197,8 +194,10 @@ class Meter:
             billed = billed.with_output(min(billed.output, self.output_cap * self.hold.choices))
         return charge(billed, self.route.multiplier.value, self.route.weights)
 
-    async def settle(self, outcome: Outcome, usage: Usage, status: int, session_id: str | None = None) -> None:
-        """Charge for `usage` and release the hold, once. Every API's settlement is written here."""
+    def settle(self, outcome: Outcome, usage: Usage, status: int, session_id: str | None = None) -> None:
+        """Charge for `usage` and release the hold, once. Every API's settlement is written here:
+        journaled before it returns (so before the caller has the end of the answer), committed
+        with the next group, never awaited on the response path."""
         if self.state is MeterState.SETTLED:
             return
         self.state = MeterState.SETTLED
@@ -225,6 +224,7 @@ class Meter:
             cache_write_1h_tokens=usage.cache_write_1h,
             reasoning_tokens=usage.reasoning,
             session_id=session_id,
+            created_at=int(time.time() * 1000),
         )
         self.log.update(
             input_tokens=usage.input_tokens + usage.cache_read + usage.cache_write_5m + usage.cache_write_1h,
@@ -236,7 +236,7 @@ class Meter:
             outcome=str(outcome),
         )
         started = time.perf_counter()
-        await self.store.settle(settlement)
+        self.store.settle_later(settlement)  # journaled now, committed with the next group
         self.log["settle_ms"] = round((time.perf_counter() - started) * 1000, 3)
 
 
@@ -252,14 +252,3 @@ def output_cap(request: InferenceRequest, route: Route) -> int:
     if request.kind is Kind.EMBEDDINGS:
         return 0
     return min(request.caller_cap or route.max_output_tokens, route.max_output_tokens)
-
-
-async def settle_shielded(settle: Awaitable[None]) -> None:
-    """Await a settlement even while this task is being cancelled (shutting down
-    mid-request): the charge must still be written."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        with anyio.CancelScope(shield=True):
-            await settle
-    else:
-        await settle

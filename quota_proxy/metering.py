@@ -21,7 +21,6 @@ from quota_proxy.meter import (
     check_rate,
     hold_request,
     limits_for,
-    settle_shielded,
 )
 from quota_proxy.reply import MeteredReply
 from quota_proxy.routing import RouteTable
@@ -76,7 +75,7 @@ class MeteringMiddleware:
             result = await self.hop.forward(scope, receive, reply.send, exchange)
             outcome = Outcome.UPSTREAM_MALFORMED if reply.malformed else result.outcome
         finally:
-            await settle_shielded(meter.settle(outcome, reply.final_usage() or NO_USAGE, reply.status))
+            meter.settle(outcome, reply.final_usage() or NO_USAGE, reply.status)
         # The reply's last message goes out only now: whoever has the whole answer can
         # already see what it cost.
         await reply.send_last()

@@ -119,7 +119,9 @@ def weighted(
     return ceil(multiplier * (total + w["cache_write_1h"] * write_1h + output))
 
 
-def rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+async def rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows read from the SQLite file directly, once the gateway's settlements have committed."""
+    await gateway.settled()
     con = sqlite3.connect(f"file:{gateway.settings.store.path}?mode=ro", uri=True)
     try:
         con.row_factory = sqlite3.Row
@@ -128,7 +130,7 @@ def rows(gateway: GatewayHarness, sql: str, params: tuple[Any, ...] = ()) -> lis
         con.close()
 
 
-def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any]:
-    found = rows(gateway, "SELECT * FROM requests WHERE request_id = ?", (request_id,))
+async def request_row(gateway: GatewayHarness, request_id: str) -> dict[str, Any]:
+    found = await rows(gateway, "SELECT * FROM requests WHERE request_id = ?", (request_id,))
     assert len(found) == 1, found
     return found[0]

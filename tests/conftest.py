@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncpg
 import httpx
 import openai
@@ -175,15 +174,11 @@ class GatewayHarness:
         return client
 
     async def settled(self) -> None:
-        """On a server database, a settlement written just after the reply went out may not
-        have committed when the test reads: give in-flight settlements a moment (SQLite reads
-        queue behind them on the store's one connection)."""
-        if self.settings.store.url is None:
-            return
-        for _ in range(20):
-            if await self.store.open_holds() == 0:
-                return
-            await anyio.sleep(0.05)
+        """Settlements commit in groups just after the reply went out: wait for this
+        gateway's to commit before reading around the store (the store's own reads do)."""
+        writer = getattr(self.store, "settlements", None)
+        if writer is not None:
+            await writer.drain()
 
     async def balance(self, name: str = "acme", user: str | None = None) -> int:
         await self.settled()
@@ -203,15 +198,14 @@ class GatewayHarness:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         store = self.settings.store
+        await self.settled()
         if store.url is None:
-            # The store's own connection: the read queues behind settlements still being written.
             db = self.store.db  # type: ignore[attr-defined]
             db.row_factory = sqlite3.Row
             try:
                 return list(await db.execute_fetchall(sql, params))
             finally:
                 db.row_factory = None
-        await self.settled()
         numbered = iter(range(1, len(params) + 1))
         conn = await asyncpg.connect(store.url)
         try:

@@ -58,7 +58,7 @@ async def test_create_native_and_translated_charge_exactly(gw: GatewayHarness) -
     native = 3 * (MESSAGES_PROMPT + REPLY)
     assert extension(message.usage) == {"route_multiplier": "x3", "charged_quota_tokens": native}
     assert await spent(gw) == native
-    row = request_row(gw, raw.headers["x-quota-request-id"])
+    row = await request_row(gw, raw.headers["x-quota-request-id"])
     assert (row["charged"], row["outcome"], row["estimated"]) == (native, "ok", 0)
 
     # quota/sonnet's upstream speaks Chat Completions only: translated both ways.
@@ -160,7 +160,7 @@ async def test_cache_heavy_turn_is_billed_by_bucket(
         )
         message = await raw.parse()
         assert extension(message.usage)["charged_quota_tokens"] == expected
-        row = request_row(gw, raw.headers["x-quota-request-id"])
+        row = await request_row(gw, raw.headers["x-quota-request-id"])
         stored = tuple(row[k] for k in ("input_tokens", "cache_read_tokens", "cache_write_tokens",
                                         "cache_write_1h_tokens", "output_tokens"))  # fmt: skip
         assert stored == buckets and row["reasoning_tokens"] == 5 and row["charged"] == expected
@@ -250,13 +250,13 @@ async def test_count_tokens_never_changes_a_balance(gw: GatewayHarness) -> None:
         )
         assert fallback.input_tokens == estimated.input_tokens
     assert await spent(gw) == 0
-    assert request_count(gw) == 0
+    assert await request_count(gw) == 0
 
 
-def request_count(gw: GatewayHarness) -> int:
+async def request_count(gw: GatewayHarness) -> int:
     from tests.agents_support import rows
 
-    return int(rows(gw, "SELECT count(*) AS n FROM requests")[0]["n"])
+    return int((await rows(gw, "SELECT count(*) AS n FROM requests"))[0]["n"])
 
 
 async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
@@ -275,7 +275,7 @@ async def test_headers_query_aliases_and_models(gw: GatewayHarness) -> None:
         assert sent.headers["anthropic-version"] == "2023-06-01"
         assert sent.body["model"] == "fake-claude"  # the alias pattern found quota/claude
         assert "authorization" not in sent.headers and "x-api-key" not in sent.headers  # no key configured
-        row = request_row(gw, reply.headers["x-quota-request-id"])
+        row = await request_row(gw, reply.headers["x-quota-request-id"])
         assert row["session_id"] == "sess-1" and row["route"] == "quota/claude"
         by_session = orjson.loads(gw.cli("usage", "--account", "acme", "--by", "session", "--json").stdout)
         assert [(r["session"], r["requests"]) for r in by_session["rows"]] == [("sess-1", 1)]

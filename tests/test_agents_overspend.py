@@ -82,7 +82,7 @@ async def test_concurrent_requests_never_overspend(
     fresh = await gw.store.account(account.id)
     assert fresh is not None
     drop = funds - fresh.balance
-    charges = rows(
+    charges = await rows(
         gw, "SELECT amount, request_id FROM ledger WHERE account_id = ? AND kind = 'charge'", (account.id,)
     )
     assert -sum(c["amount"] for c in charges) == drop

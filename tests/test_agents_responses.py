@@ -59,7 +59,7 @@ async def test_create_native_and_translated_charge_exactly(gw: GatewayHarness) -
     sent = gw.upstream.app.requests[-1]
     assert sent.path == "/v1/responses" and sent.body["store"] is False  # never forced to true
     assert sent.body["model"] == "fake-codex" and sent.body["max_output_tokens"] == 64
-    assert request_row(gw, raw.headers["x-quota-request-id"])["charged"] == native
+    assert (await request_row(gw, raw.headers["x-quota-request-id"]))["charged"] == native
 
     response = await client.responses.create(
         model="quota/sonnet", instructions=SYSTEM, input=PROMPT, store=False
@@ -164,7 +164,7 @@ async def test_cache_heavy_turn_is_billed_by_bucket(gw: GatewayHarness, model: s
         response = raw.parse()
         assert response.usage is not None
         assert extension(response.usage)["charged_quota_tokens"] == expected
-        row = request_row(gw, raw.headers["x-quota-request-id"])
+        row = await request_row(gw, raw.headers["x-quota-request-id"])
         assert (row["cache_read_tokens"], row["reasoning_tokens"], row["charged"]) == (1000, 5, expected)
         assert response.usage.input_tokens_details.cached_tokens == 1000
         assert response.usage.output_tokens_details.reasoning_tokens == 5

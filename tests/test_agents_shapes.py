@@ -121,7 +121,7 @@ async def test_a_claude_code_turn(gw: GatewayHarness, model: str) -> None:
         assert sent.path == "/v1/chat/completions"
         assert sent.body["messages"][0]["content"].startswith("You are Claude Code")
         assert [t["function"]["name"] for t in sent.body["tools"]] == ["Read", "Bash"]
-    row = request_row(gw, reply.headers["x-quota-request-id"])
+    row = await request_row(gw, reply.headers["x-quota-request-id"])
     assert row["session_id"] == "cc-session-7" and row["charged"] == final["usage"]["charged_quota_tokens"]
 
 
@@ -143,5 +143,5 @@ async def test_a_codex_turn(gw: GatewayHarness, model: str) -> None:
     else:
         roles = [m["role"] for m in sent.body["messages"]]
         assert roles == ["system", "system", "user", "user", "assistant", "tool"]
-    row = request_row(gw, reply.headers["x-quota-request-id"])
+    row = await request_row(gw, reply.headers["x-quota-request-id"])
     assert row["session_id"] == "codex-9"

@@ -42,7 +42,7 @@ async def test_cache_heavy_chat_turn_is_billed_by_bucket(
         1000,
         250,
     )
-    row = request_row(gw, raw.headers["x-quota-request-id"])
+    row = await request_row(gw, raw.headers["x-quota-request-id"])
     assert (row["input_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]) == (
         CHAT_PROMPT,
         1000,

@@ -280,6 +280,7 @@ async def test_ledger_verify_fails_on_broken_books(gateway: GatewayHarness, tmp_
     await gateway.openai(key).chat.completions.create(
         model="quota/fast", messages=[{"role": "user", "content": "hi"}]
     )
+    await gateway.settled()
     assert one_json(gateway.cli("ledger", "verify", "--json"))["ok"] is True
 
     # A consistent copy of the live database, then books broken behind the ledger's back.

@@ -243,6 +243,7 @@ async def test_fallback_to_the_second_upstream_when_the_first_refuses(
     assert again.status_code == 200
     assert not caplog.records
     # Charged once, from the attempt that answered.
+    await gateway.settled()
     rows = sqlite3.connect(gateway.settings.store.path).execute(
         "SELECT count(*), sum(charged) FROM requests WHERE route = 'quota/ha'"
     ).fetchone()

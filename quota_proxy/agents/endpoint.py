@@ -17,7 +17,7 @@ from quota_proxy.config import LiveSettings
 from quota_proxy.errors import BadRequest
 from quota_proxy.holds import HoldKeeper
 from quota_proxy.http_client import UpstreamHTTPError
-from quota_proxy.meter import HoldPolicy, HoldRequest, Meter, check_rate, limits_for, settle_shielded
+from quota_proxy.meter import HoldPolicy, HoldRequest, Meter, check_rate, limits_for
 from quota_proxy.routing import RouteTable
 from quota_proxy.state import Billing, caller_key, request_state
 from quota_proxy.store import Store
@@ -126,4 +126,4 @@ class AgentApi:
         try:
             await exchange.run(receive, send)
         finally:
-            await settle_shielded(exchange.settle_once())
+            exchange.settle_once()

@@ -132,7 +132,7 @@ class Exchange:
         )  # fmt: skip
         # Settled before the caller has the reply: what it was told it cost is on the books.
         self.outcome, self.status = Outcome.OK, status
-        await self.settle_once()
+        self.settle_once()
         headers = [(k, v) for k, v in relay_headers(response) if k != b"content-type"]
         await send_bytes(send, 200, orjson.dumps(reply), headers)
         return Outcome.OK
@@ -175,7 +175,7 @@ class Exchange:
                 estimated = self.estimate(meter.delivered_text())
                 self.usage = Usage.of(estimated, True)
                 tail += meter.translator.finish(estimated, self.extension(estimated, True))
-        await self.settle_once()
+        self.settle_once()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return self.outcome
 
@@ -198,10 +198,10 @@ class Exchange:
             return Usage.of(meter.usage.with_output(max(meter.usage.output, output)), True)
         return Usage.of(Buckets(input=self.request.prompt_estimate, output=output), True)
 
-    async def settle_once(self) -> None:
+    def settle_once(self) -> None:
         """Settle through the Meter (a no-op the second time), with the agent's session."""
         usage = self._final_usage() or NO_USAGE
-        await self.money.settle(self.outcome, usage, self.status, session_id=self.request.session_id)
+        self.money.settle(self.outcome, usage, self.status, session_id=self.request.session_id)
 
 
 def _anthropic_error_from_openai(raw: bytes, status: int) -> bytes:

@@ -97,10 +97,12 @@ def open_store(settings: StoreSettings) -> Store:
             pool_size=settings.pool_size,
             connect_timeout_s=settings.connect_timeout_s,
             command_timeout_s=settings.command_timeout_s,
+            journal=settings.journal,
+            settle_delay_ms=settings.settle_delay_ms,
         )
     from quota_proxy.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.path)
+    return SqliteStore(settings.path, journal=settings.journal, settle_delay_ms=settings.settle_delay_ms)
 
 
 __all__ = [

@@ -142,6 +142,7 @@ class Settlement:
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
     session_id: str | None = None
+    created_at: int | None = None  # ms since the epoch when it was settled; None: when written
 
     @property
     def billed_tokens(self) -> int:

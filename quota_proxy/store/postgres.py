@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import hashlib
 import logging
 import random
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -28,6 +30,7 @@ import orjson
 from quota_proxy.keys import new_id
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.dashboard_postgres import DASHBOARD_METHODS, PostgresDashboardQueries
+from quota_proxy.store.group_commit import SettlementJournal, SettlementWriter
 from quota_proxy.store.models import (
     Account,
     IdempotencyMismatch,
@@ -50,12 +53,15 @@ from quota_proxy.store.records import (
     KEY_FROM,
     LEDGER_COLUMNS,
     LEDGER_SELECT,
+    REQUEST_COLUMN_COUNT,
+    REQUEST_COLUMNS,
     REQUEST_USAGE_LINE_SUMS,
     USAGE_LINE_SUMS,
     account_record,
     key_record,
     ledger_record,
     now_ms,
+    request_row,
 )
 
 logger = logging.getLogger("quota_proxy.store")
@@ -79,6 +85,21 @@ _UNAVAILABLE = (
 )
 
 T = TypeVar("T")
+# A settlement: one INSERT whose triggers charge, release the hold and roll up. created_at
+# is the gateway's clock when it settled (a journaled settlement keeps its own time), else
+# the database's.
+_SETTLE_SQL = (
+    f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES ("
+    + ", ".join(
+        f"${n}" if n != 17 else "coalesce($17, quota_now_ms())" for n in range(1, REQUEST_COLUMN_COUNT + 1)
+    )
+    + ") ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def _default_journal(url: str) -> Path:
+    """A journal folder for a store built without one (open_store passes the config's)."""
+    return Path(tempfile.gettempdir()) / f"quota-settlements-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
 
 
 
@@ -118,6 +139,8 @@ class PostgresStore:
         pool_size: int = 10,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
+        journal: Path | None = None,
+        settle_delay_ms: int = 0,
     ) -> None:
         self.url = url
         self._password = password
@@ -128,6 +151,10 @@ class PostgresStore:
         # Settlements whose connection died on every attempt: written by the next
         # refresh_holds (the hold keeper), keyed by request id so none is written twice.
         self._unsettled: dict[str, Settlement] = {}
+        # The gateway's settlements: journaled on this machine, committed in groups.
+        self.settlements = SettlementWriter(
+            SettlementJournal(journal or _default_journal(url)), self._settle_group, settle_delay_ms / 1000
+        )
         self._dashboard = PostgresDashboardQueries(self)
 
     @property
@@ -155,11 +182,14 @@ class PostgresStore:
             raise StoreError(f"{self.description}: {exc}") from exc
         try:
             await self._run(self._migrate)
+            self.settlements.start()
+            await self.settlements.recover()
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        await self.settlements.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -267,17 +297,25 @@ class PostgresStore:
                     await self.pool.release(conn)
         raise AssertionError("unreachable")
 
-    async def _one(self, sql: str, *args: Any, again: bool = True, durable: bool = False) -> Any:
+    async def _one(
+        self, sql: str, *args: Any, again: bool = True, durable: bool = False, settled: bool = True
+    ) -> Any:
+        """The first row; with `settled`, after this process's pending settlements commit
+        (the hot path's own statements pass False: they need not wait for the charges)."""
+        if settled and self.settlements.pending:
+            await self.settlements.drain()
         return await self._run(lambda conn: conn.fetchrow(sql, *args), again=again, durable=durable)
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
+        if self.settlements.pending:
+            await self.settlements.drain()
         return await self._run(lambda conn: conn.fetch(sql, *args))
 
     async def _execute(self, sql: str, *args: Any, durable: bool = False) -> str:
         return await self._run(lambda conn: conn.execute(sql, *args), durable=durable)
 
     async def ping(self) -> None:
-        await self._one("SELECT 1 FROM accounts LIMIT 1")
+        await self._one("SELECT 1 FROM accounts LIMIT 1", settled=False)
 
     async def sync(self) -> tuple[int, int]:
         """Put every commit so far on disk: one synchronous commit flushes the WAL up to
@@ -495,7 +533,7 @@ class PostgresStore:
         return key_record(row)
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        row = await self._one(f"SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.digest = $1", digest)
+        row = await self._one(f"SELECT {KEY_COLUMNS} {KEY_FROM} WHERE k.digest = $1", digest, settled=False)
         return key_record(row) if row else None
 
     async def list_keys(self, account_id: int | None = None) -> list[KeyRecord]:
@@ -550,6 +588,7 @@ class PostgresStore:
                 "SELECT $1, $2, $3, $4, now + $5, now, $6, $7 FROM quota_now_ms() AS now "
                 "RETURNING id",
                 account_id, amount, request_id, owner, ttl_ms, key_id, max_concurrent,
+                settled=False,
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "QP001":
@@ -572,6 +611,7 @@ class PostgresStore:
             "ON CONFLICT (key_id, minute) DO UPDATE SET requests = w.requests + 1 "
             "WHERE w.requests < $2 AND w.tokens < $3 RETURNING requests",
             key_id, rpm or 2**62, tpm or 2**62,
+            settled=False,
         )
         return row is not None
 
@@ -603,19 +643,22 @@ class PostgresStore:
                 delay *= 4
         return None
 
+    def settle_later(self, s: Settlement) -> None:
+        """Journal the settlement now and commit it with the next group (store/group_commit.py)."""
+        self.settlements.submit(s)
+
+    async def _settle_group(self, batch: Sequence[Settlement]) -> None:
+        """The group in one transaction (executemany: pipelined, about one round trip)."""
+        rows = [request_row(s, new_id("ledg") if s.charged > 0 else None, s.created_at) for s in batch]
+
+        async def insert(conn: asyncpg.Connection) -> None:
+            await conn.executemany(_SETTLE_SQL, rows)
+
+        await self._run(insert, tx=True)
+
     async def _settle(self, s: Settlement, ledger_id: str | None) -> str | None:
         row = await self._one(
-            "INSERT INTO requests (request_id, account_id, user_id, charged_account_id, key_id, "
-            "hold_id, route, upstream_model, input_tokens, output_tokens, multiplier, charged, "
-            "estimated, outcome, status, ledger_id, created_at, cache_read_tokens, "
-            "cache_write_tokens, cache_write_1h_tokens, reasoning_tokens, session_id) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
-            "quota_now_ms(), $17, $18, $19, $20, $21) "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING ledger_id",
-            s.request_id, s.account_id, s.user_id, s.charged_account_id, s.key_id, s.hold_id,
-            s.route, s.upstream_model, s.input_tokens, s.output_tokens, s.multiplier, s.charged,
-            s.estimated, str(s.outcome), s.status, ledger_id, s.cache_read_tokens,
-            s.cache_write_tokens, s.cache_write_1h_tokens, s.reasoning_tokens, s.session_id,
+            _SETTLE_SQL + " RETURNING ledger_id", *request_row(s, ledger_id, s.created_at), settled=False
         )
         if row is not None:
             return str(row[0]) if row[0] is not None else None
@@ -640,6 +683,9 @@ class PostgresStore:
         )
 
     async def release_expired_holds(self) -> int:
+        """Release the holds nobody refreshed, after committing what dead gateways on this
+        machine had journaled (a dead machine's journal waits for its restart)."""
+        await self.settlements.recover()
         status = await self._execute("DELETE FROM holds WHERE expires_at < quota_now_ms()")
         return int(status.split()[-1])
 

@@ -152,12 +152,18 @@ class Store(Protocol):
         """Charge, release the hold, record usage, atomically; returns the charge's ledger id.
         Keyed by request id: settling the same request again charges nothing more."""
 
+    def settle_later(self, s: Settlement) -> None:
+        """The gateway's settlement: journaled when this returns, committed with the next
+        group (store/group_commit.py), seen by every read of this store after it, and
+        committed by the next process to open the store if this one dies first."""
+
     async def release_hold(self, hold_id: int) -> None: ...
 
     async def refresh_holds(self, owner: str, ttl_ms: int) -> None:
         """Keep this process's holds alive; a dead process's holds then expire."""
 
-    async def release_expired_holds(self) -> int: ...
+    async def release_expired_holds(self) -> int:
+        """Release holds nobody refreshed, after committing what dead processes journaled."""
 
     async def open_holds(self) -> int: ...
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from quota_proxy.store.models import Account, ChargeDetails, KeyRecord, LedgerEntry, Outcome
+from quota_proxy.store.models import Account, ChargeDetails, KeyRecord, LedgerEntry, Outcome, Settlement
 
 ACCOUNT_COLUMNS = "id, public_id, kind, name, parent_id, billing_mode, balance, held, created_at"
 KEY_COLUMNS = (
@@ -51,6 +51,24 @@ REQUEST_USAGE_LINE_SUMS = (
     "count(*), sum(r.input_tokens), sum(r.cache_read_tokens), "
     "sum(r.cache_write_tokens + r.cache_write_1h_tokens), sum(r.output_tokens), sum(r.charged)"
 )
+# A settlement is one INSERT into requests; its triggers charge, release and roll up.
+REQUEST_COLUMNS = (
+    "request_id, account_id, user_id, charged_account_id, key_id, hold_id, route, "
+    "upstream_model, input_tokens, output_tokens, multiplier, charged, estimated, outcome, "
+    "status, ledger_id, created_at, cache_read_tokens, cache_write_tokens, "
+    "cache_write_1h_tokens, reasoning_tokens, session_id"
+)
+REQUEST_COLUMN_COUNT = REQUEST_COLUMNS.count(",") + 1
+
+
+def request_row(s: Settlement, ledger_id: str | None, created_at: int | None) -> tuple[Any, ...]:
+    """A settlement's values in REQUEST_COLUMNS order."""
+    return (
+        s.request_id, s.account_id, s.user_id, s.charged_account_id, s.key_id, s.hold_id,
+        s.route, s.upstream_model, s.input_tokens, s.output_tokens, s.multiplier, s.charged,
+        s.estimated, str(s.outcome), s.status, ledger_id, created_at, s.cache_read_tokens,
+        s.cache_write_tokens, s.cache_write_1h_tokens, s.reasoning_tokens, s.session_id,
+    )  # fmt: skip
 
 
 def now_ms() -> int:

@@ -1,0 +1,305 @@
+"""Settlements off the response path: journaled first, then committed many per transaction.
+
+A request's settlement used to be one commit awaited before the caller got the end of the
+answer. Now `SettlementWriter.submit` appends it to this process's journal (one write(2),
+no fsync: it survives the process, as a `synchronous = NORMAL` commit does) and returns;
+a background task commits everything submitted meanwhile in one transaction. The hold
+stays atomic and committed before the request is forwarded, so the balance is never
+promised twice; only the charge that replaces the hold is late, by one loop turn.
+
+The journal makes the gap safe. It is a folder of segment files, one per group, each held
+under flock(2) by the process writing it and deleted once its group has committed. A
+process killed between the answer and the commit leaves its segment behind, unlocked; the
+next process to open the store, or to release expired holds, commits it first. Every
+settlement is keyed by its request id (`ON CONFLICT (request_id) DO NOTHING`), so a
+segment committed twice charges once.
+
+Reads see what this process settled: an engine drains the writer before any read
+(`settled=True`, the default of its read helpers); the hot path's own statements (holds,
+rate windows, the key lookup) do not wait, and need not: a pending settlement's hold is
+still in place, so the balance they see is the smaller one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
+
+from quota_proxy.store.models import Outcome, Settlement, StoreUnavailable
+
+logger = logging.getLogger("quota_proxy.store")
+
+SUFFIX = ".settle"
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+CLOSE_TIMEOUT_S = 10.0
+
+Commit = Callable[[Sequence[Settlement]], Awaitable[None]]
+
+
+def encode(s: Settlement) -> bytes:
+    return orjson.dumps(asdict(s)) + b"\n"
+
+
+def decode(line: bytes) -> Settlement:
+    fields = orjson.loads(line)
+    fields["outcome"] = Outcome(fields["outcome"])
+    return Settlement(**fields)
+
+
+@dataclass(slots=True)
+class Segment:
+    """One group's journal file, open and locked by whoever holds this."""
+
+    path: Path
+    fd: int
+
+    def discard(self) -> None:
+        """The group has committed: the file goes (and with it the lock)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+    def release(self) -> None:
+        """Keep the file for whoever recovers next (the group did not commit)."""
+        os.close(self.fd)
+
+
+class SettlementJournal:
+    """This process's append-only record of settlements not yet known to be committed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._sequence = 0
+        self._current: Segment | None = None
+
+    def append(self, s: Settlement) -> None:
+        if self._current is None:
+            self._current = self._new_segment()
+        os.write(self._current.fd, encode(s))
+
+    def seal(self) -> Segment | None:
+        """The segment written so far, closed to appends (the next append starts another)."""
+        current, self._current = self._current, None
+        return current
+
+    def _new_segment(self) -> Segment:
+        """Created under a temporary name and renamed once locked, so a recovering process
+        never sees a live segment without its lock."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._sequence += 1
+        name = f"{self._name}-{self._sequence:08d}"
+        temporary = self.directory / f".{name}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = self.directory / f"{name}{SUFFIX}"
+        os.rename(temporary, path)
+        return Segment(path, fd)
+
+    def orphans(self) -> Iterator[tuple[Segment, list[Settlement]]]:
+        """Segments whose writer is gone (their lock is free), each locked now, with what
+        they hold; a torn last line (the writer died inside write(2), before its caller was
+        answered) is left out."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.iterdir()):
+            if path.name.startswith("."):
+                _remove_if_unlocked(path)  # a segment that died before its rename: empty
+                continue
+            if path.suffix != SUFFIX:
+                continue
+            segment = _lock(path)
+            if segment is None:
+                continue
+            settlements = []
+            with os.fdopen(os.dup(segment.fd), "rb") as reader:
+                for line in reader:
+                    if not line.endswith(b"\n"):
+                        logger.warning("store: %s ends in a torn line; left out", path.name)
+                        break
+                    settlements.append(decode(line))
+            yield segment, settlements
+
+
+def _lock(path: Path) -> Segment | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if os.fstat(fd).st_nlink == 0:  # committed and removed while we opened it
+        os.close(fd)
+        return None
+    return Segment(path, fd)
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    segment = _lock(path)
+    if segment is not None:
+        segment.discard()
+
+
+class SettlementWriter:
+    """Commits journaled settlements in groups, in the order they were submitted.
+
+    `delay_s` lets a group wait that long for company (0: whatever arrived by the next loop
+    turn); a reader's drain() cuts the wait short.
+    """
+
+    def __init__(self, journal: SettlementJournal, commit: Commit, delay_s: float = 0.0) -> None:
+        self.journal = journal
+        self._commit = commit
+        self.delay_s = delay_s
+        self._pending: list[Settlement] = []
+        self._submitted = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.stalled = False  # the last commit found the store unavailable; retrying
+
+    @property
+    def pending(self) -> bool:
+        return self._committed < self._submitted
+
+    def start(self) -> None:
+        self._wake, self._hurry = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="settlement-writer")
+
+    def submit(self, s: Settlement) -> None:
+        """Journal the settlement and queue it; it commits with the next group."""
+        if self._task is None or self._wake is None:
+            raise RuntimeError("the settlement writer is not running (the store is not open)")
+        self.journal.append(s)
+        self._pending.append(s)
+        self._submitted += 1
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Return once everything submitted before this call has committed, or at once while
+        the store is unavailable (the read that follows then fails as fast as it should)."""
+        if not self.pending or self.stalled:
+            return
+        if self._task is None or self._task.done():
+            raise RuntimeError("the settlement writer stopped with settlements pending")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._submitted, waiter))
+        assert self._hurry is not None
+        self._hurry.set()
+        await asyncio.shield(waiter)
+
+    def _stall(self, stalled: bool) -> None:
+        self.stalled = stalled
+        if stalled:  # readers waiting for this group go ahead (and meet the outage themselves)
+            for _, waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+
+    async def close(self) -> None:
+        """Commit what is pending (bounded in time: what does not commit stays journaled
+        for the next start), then stop."""
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self.drain(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as exc:
+            logger.warning("store: settlements left in the journal for the next start: %s", exc)
+        task, self._task = self._task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        segment = self.journal.seal()
+        if segment is not None:
+            segment.release() if self._pending else segment.discard()
+
+    async def recover(self) -> int:
+        """Commit the segments of processes that died before committing them; returns how
+        many settlements they held (each charged at most once, whoever got there first)."""
+        count = 0
+        for segment, settlements in self.journal.orphans():
+            try:
+                if settlements:
+                    await self._commit_retrying(settlements, attempts=3)
+            except BaseException:
+                segment.release()
+                raise
+            segment.discard()
+            count += len(settlements)
+        if count:
+            logger.warning("store: committed %d settlements a stopped process had journaled", count)
+        return count
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._hurry is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.delay_s and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self.delay_s)
+            self._hurry.clear()
+            batch, self._pending = self._pending, []
+            segment = self.journal.seal()
+            try:
+                await self._commit_retrying(batch)
+            except asyncio.CancelledError:
+                self._pending[:0] = batch  # close() keeps them journaled for the next start
+                if segment is not None:
+                    segment.release()
+                raise
+            if segment is not None:
+                segment.discard()
+            self._committed += len(batch)
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        keep = []
+        for target, waiter in self._waiters:
+            if target <= self._committed:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        self._waiters = keep
+
+    async def _commit_retrying(self, batch: Sequence[Settlement], attempts: int | None = None) -> None:
+        """Commit the group; while the store is away, keep trying (the journal holds the
+        group meanwhile, and the holds stay refreshed). A group the store refuses is
+        committed one by one, so one bad settlement cannot hold back the others."""
+        delay = RETRY_FIRST_S
+        tried = 0
+        while True:
+            tried += 1
+            try:
+                await self._commit(batch)
+                self._stall(False)
+                return
+            except StoreUnavailable as exc:
+                if attempts is not None and tried >= attempts:
+                    raise
+                self._stall(True)
+                logger.warning("store: %d settlements wait for the store: %s", len(batch), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 4, RETRY_MAX_S)
+            except Exception as exc:
+                if len(batch) == 1:
+                    logger.error("store: settlement of %s refused, not charged: %s", batch[0].request_id, exc)
+                    return
+                for one in batch:
+                    await self._commit_retrying([one], attempts)
+                return
