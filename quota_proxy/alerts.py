@@ -26,15 +26,18 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 import orjson
 
 from quota_proxy.money import Money
 from quota_proxy.payments.settings import AlertConfig
 from quota_proxy.store.alerts import AlertStore, Crossing, DueDelivery
 from quota_proxy.store.records import now_ms
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("quota_proxy.alerts")
 
@@ -110,25 +113,38 @@ class AlertDispatcher:
                 tg.cancel_scope.cancel()
 
     async def run(self) -> None:
-        """The loop. A failing store is logged and retried at the next tick."""
-        async with httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False) as client:
+        """The loop. A failing store is logged and retried at the next tick. The HTTP client
+        (httpx, ~18 MB) is made at the first delivery: most gateways never send one."""
+        client: httpx.AsyncClient | None = None
+        try:
             while True:
                 try:
-                    await self.tick(client)
+                    client = await self.tick(client)
                 except Exception as exc:  # the store busy or closing: try again next tick
                     logger.warning("alert loop: %s: %s", type(exc).__name__, exc)
                 await anyio.sleep(self.config.poll_interval_s)
+        finally:
+            if client is not None:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
 
-    async def tick(self, client: httpx.AsyncClient) -> None:
+    async def tick(self, client: httpx.AsyncClient | None) -> httpx.AsyncClient | None:
         await self.store.scan(self.build)
         # A claimed delivery is leased for longer than one attempt may take (fail_after below),
         # so no other process sends it meanwhile; a process killed mid-attempt delays its
         # retry by at most this lease.
         lease_ms = int((self.config.timeout_s + LEASE_MARGIN_S) * 1000)
         for delivery in await self.store.claim_due(lease_ms):
+            if client is None:
+                import httpx
+
+                client = httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False)
             await self._deliver(client, delivery)
+        return client
 
     async def _deliver(self, client: httpx.AsyncClient, d: DueDelivery) -> None:
+        import httpx  # already loaded with the client
+
         if d.webhook_url is None or d.signing_secret is None:
             await self.store.failed(d.id, "the account has no alert webhook any more", None)
             return

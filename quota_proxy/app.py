@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -263,4 +264,10 @@ def app_from_environment() -> Any:
     settings = load_settings(os.environ.get("QUOTA_PROXY_CONFIG") or default_config_path())
     log_level = os.environ.get("QUOTA_PROXY_LOG_LEVEL") or settings.server.log_level  # serve's --log-level
     configure_logging(log_level, settings.server.log_format)
-    return Gateway(settings, reload_on_sighup=True)
+    gateway = Gateway(settings, reload_on_sighup=True)
+    # Everything built so far lives as long as the process: out of the collector's sight,
+    # so its full collections (which otherwise walk every module, class and config object,
+    # a pause inside whichever request triggers one) stay short.
+    gc.collect()
+    gc.freeze()
+    return gateway

@@ -6,6 +6,7 @@ route, upstream, status, token counts, charge and timings — never keys, prompt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -69,11 +70,62 @@ class TextFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """One line per record, but written and flushed once per event-loop turn: a busy gateway
+    makes one write(2) for all the access lines of a turn instead of one per request.
+    Warnings and errors, and records logged with no loop running, go out at once."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._lines:
+                text = "\n".join(self._lines) + "\n"
+                self._lines.clear()
+                self.stream.write(text)
+                self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed under us (shutting down): nothing else to do with the lines
+        finally:
+            self.release()
+
+
 def configure_logging(level: str = "info", log_format: str = "auto") -> None:
-    """Everything quota-proxy logs goes to stderr, one line per record."""
+    """Everything quota-proxy logs goes to stderr, one line per record.
+
+    Records skip what the formatters never print (the caller's file and line, found by
+    walking the stack; thread and process names): a third of an access line's cost.
+    """
     if log_format == "auto":
         log_format = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if log_format == "text" else JsonFormatter())
     for name in ("quota_proxy", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

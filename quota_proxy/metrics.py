@@ -23,6 +23,7 @@ class Metrics:
         # Labelled children looked up once per (route, status), not on every request.
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._metered: dict[str, tuple[Any, Any, Any]] = {}
+        self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -80,19 +81,28 @@ class Metrics:
             self.rate_limited.labels(route).inc()
         upstream = log.get("upstream")
         if upstream is not None and "upstream_ms" in log:
-            self.upstream_latency.labels(route, upstream).observe(log["upstream_ms"] / 1000)
+            self._child(self.upstream_latency, route, upstream).observe(log["upstream_ms"] / 1000)
         if "ttfb_ms" in log:
-            self.ttfb.labels(route).observe(log["ttfb_ms"] / 1000)
+            self._child(self.ttfb, route).observe(log["ttfb_ms"] / 1000)
         for kind in log.get("upstream_errors", ()):
             self.upstream_errors.labels(route, kind[0], kind[1]).inc()
-        for op in ("hold", "settle"):
-            if f"{op}_ms" in log:
-                self.store_latency.labels(op).observe(log[f"{op}_ms"] / 1000)
+        if "hold_ms" in log:
+            self._child(self.store_latency, "hold").observe(log["hold_ms"] / 1000)
+        if "settle_ms" in log:
+            self._child(self.store_latency, "settle").observe(log["settle_ms"] / 1000)
         if "input_tokens" in log:
             tokens_in, tokens_out, charged = self._metered_children(route)
             tokens_in.inc(log["input_tokens"])
             tokens_out.inc(log["output_tokens"])
             charged.inc(log["charged"])
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, looked up in prometheus-client once per label set."""
+        key = (id(metric), labels)
+        child = self._labelled.get(key)
+        if child is None:
+            child = self._labelled[key] = metric.labels(*labels)
+        return child
 
     def _metered_children(self, route: str) -> tuple[Any, Any, Any]:
         children = self._metered.get(route)

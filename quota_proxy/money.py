@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -32,9 +33,14 @@ class Multiplier:
 
     def __str__(self) -> str:
         """'x3', 'x0.5', 'x1.25'."""
-        dec = Decimal(self.value.numerator) / Decimal(self.value.denominator)
-        text = format(dec.normalize(), "f")
-        return "x" + text
+        return _multiplier_text(self.value.numerator, self.value.denominator)
+
+
+@functools.lru_cache(maxsize=256)
+def _multiplier_text(numerator: int, denominator: int) -> str:
+    """Every request names its route's multiplier: formatted once per multiplier."""
+    dec = Decimal(numerator) / Decimal(denominator)
+    return "x" + format(dec.normalize(), "f")
 
 
 class Money:

@@ -107,7 +107,10 @@ def _ceil(value: Fraction) -> int:
 
 
 def charge(buckets: Buckets, multiplier: Fraction, weights: BucketWeights = DEFAULT_WEIGHTS) -> int:
-    """ceil(multiplier × Σ weight × tokens), exactly."""
+    """ceil(multiplier × Σ weight × tokens), exactly. Unweighted routes (the default) take
+    integer arithmetic: Fraction's operators cost tens of microseconds per request."""
+    if weights is DEFAULT_WEIGHTS:
+        return -(-buckets.total * multiplier.numerator // multiplier.denominator)
     return _ceil(multiplier * weights.weighted(buckets))
 
 
@@ -116,6 +119,8 @@ def worst_case_hold(
 ) -> int:
     """The most a request can cost: its prompt at the heaviest input-side weight plus the
     output cap at the output weight."""
+    if weights is DEFAULT_WEIGHTS:
+        return -(-(prompt_estimate + max_output) * multiplier.numerator // multiplier.denominator)
     return _ceil(multiplier * (weights.input_side_max * prompt_estimate + weights.output * max_output))
 
 

@@ -7,8 +7,11 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quota_proxy.usage import (
+    DEFAULT_WEIGHTS,
     AnthropicStreamUsage,
     Buckets,
     BucketWeights,
@@ -202,3 +205,22 @@ def test_mistake_cumulative_message_delta_summed() -> None:
     right = charge(acc.buckets() or Buckets(), ONE)
     summed = charge(Buckets(input=10, output=1 + 100 + 300 + 500), ONE)
     assert right == 510 and summed != right
+
+
+@given(
+    st.tuples(*[st.integers(min_value=0, max_value=10**9)] * 5),
+    st.fractions(min_value=Fraction(1, 1000), max_value=1000),
+    st.integers(min_value=0, max_value=10**9),
+)
+def test_the_integer_fast_path_charges_what_the_fraction_path_does(
+    counts: tuple[int, int, int, int, int], multiplier: Fraction, cap: int
+) -> None:
+    """Unweighted routes skip Fraction arithmetic; an equal but distinct weights object
+    takes the exact Fraction path, and both must agree to the token."""
+    b = Buckets(*counts)
+    slow = BucketWeights()
+    assert slow is not DEFAULT_WEIGHTS
+    assert charge(b, multiplier, DEFAULT_WEIGHTS) == charge(b, multiplier, slow)
+    assert worst_case_hold(counts[0], cap, multiplier, DEFAULT_WEIGHTS) == worst_case_hold(
+        counts[0], cap, multiplier, slow
+    )

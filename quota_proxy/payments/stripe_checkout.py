@@ -9,14 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import stripe
+from typing import TYPE_CHECKING, Any
 
 from quota_proxy.config import Package
 from quota_proxy.payments.settings import StripeSettings
 from quota_proxy.payments.stripe_events import StripeEvent, parse_event
 from quota_proxy.store.payments import Order
+
+if TYPE_CHECKING:
+    import stripe
 
 STRIPE_TIMEOUT_S = 20.0
 
@@ -35,31 +36,40 @@ class CheckoutSession:
     url: str
 
 
-class _HTTPXClient(stripe.HTTPXClient):
+def _httpx_client(timeout: float) -> stripe.HTTPXClient:
     """The SDK's httpx transport, sending its form body as `content=`: it passes `data=` a
     string, which httpx deprecates (and a DeprecationWarning there fails the request)."""
+    import stripe
 
-    def _get_request_args_kwargs(
-        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
-    ) -> list[Any]:
-        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
-        data = kwargs.pop("data", None)
-        if data:
-            kwargs["content"] = data
-        return [args, kwargs]
+    class HTTPXClient(stripe.HTTPXClient):
+        def _get_request_args_kwargs(
+            self, method: str, url: str, headers: Mapping[str, str], post_data: Any
+        ) -> list[Any]:
+            args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+            data = kwargs.pop("data", None)
+            if data:
+                kwargs["content"] = data
+            return [args, kwargs]
+
+    return HTTPXClient(timeout=timeout)
 
 
 class StripeCheckout:
+    """The official SDK, imported only where Stripe is configured (it is ~25 MB of a
+    gateway's memory, which most gateways never use)."""
+
     provider = "stripe"
 
     def __init__(self, settings: StripeSettings, public_url: str, dashboard_path: str = "/dashboard") -> None:
         self.settings = settings
         self.public_url = public_url.rstrip("/")
         self.dashboard_path = dashboard_path.rstrip("/")
+        import stripe
+
         self.client = stripe.StripeClient(
             settings.secret_key,
             base_addresses={"api": settings.api_base},
-            http_client=_HTTPXClient(timeout=STRIPE_TIMEOUT_S),
+            http_client=_httpx_client(STRIPE_TIMEOUT_S),
             max_network_retries=2,
         )
 
@@ -89,6 +99,8 @@ class StripeCheckout:
         }
 
     async def create_session(self, order: Order, package: Package) -> CheckoutSession:
+        import stripe
+
         try:
             session = await self.client.v1.checkout.sessions.create_async(
                 self.session_params(order, package),  # type: ignore[arg-type]
@@ -107,6 +119,8 @@ class StripeCheckout:
         (the SDK refuses old timestamps; far-future ones are refused here too)."""
         if _timestamp(signature) > time.time() + self.settings.webhook_tolerance_s:
             raise SignatureInvalid("Timestamp outside the tolerance zone")
+        import stripe
+
         try:
             event = stripe.Webhook.construct_event(
                 payload,
