@@ -28,7 +28,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -46,7 +46,9 @@ Commit = Callable[[Sequence[Settlement]], Awaitable[None]]
 
 
 def encode(s: Settlement) -> bytes:
-    return orjson.dumps(asdict(s)) + b"\n"
+    """One journal line: orjson writes the dataclass itself (dataclasses.asdict would copy
+    it first, at several times the cost)."""
+    return orjson.dumps(s, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def decode(line: bytes) -> Settlement:
