@@ -359,9 +359,12 @@ def rng(m: dict[str, float], digits: int = 2) -> str:
 def render(store: str, summary: dict[str, Any], scenarios: list[Scenario]) -> str:
     lines = [
         f"### store: {store}", "",
+        "Medians over rounds [min–max]; added = gateway minus direct, paired by round. The last column "
+        "is the most CPU (in % of a core) that other processes on the machine used during a run.", "",
         "| scenario | direct API | req/s direct / gateway | p50 ms direct / gateway | added p50 ms "
-        "| added p99 ms | gateway CPU ms/req | upstream calls / request (exact) | failures |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p99 ms | gateway CPU ms/req | upstream calls / request (exact) | failures "
+        "| others' CPU, direct / gateway runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sc in scenarios:
         s = summary.get(sc.name)
@@ -373,7 +376,8 @@ def render(store: str, summary: dict[str, Any], scenarios: list[Scenario]) -> st
             f"| {fmt(d['p50_ms']['median'])} / {fmt(g['p50_ms']['median'])} | {rng(s['added_p50_ms'])} "
             f"| {rng(s['added_p99_ms'])} | {rng(g['cpu_ms_per_request'], 3)} "
             f"| {g['exact_upstream_calls']}/{g['exact_requests']} = {s['gateway_calls_per_request']:.2f} "
-            f"| {d['failures'] + g['failures']} |")
+            f"| {d['failures'] + g['failures']} "
+            f"| {fmt(d['foreign_cpu_util']['max'] * 100, 0)}% / {fmt(g['foreign_cpu_util']['max'] * 100, 0)}% |")
     rows = ratios(summary)
     if rows:
         lines += [
