@@ -212,10 +212,28 @@ def run_wrk(ep: Endpoint, sc: Scenario, duration_s: float, workdir: Path) -> dic
     raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
 
 
+def held_connections(port: int) -> int:
+    """Server-side TCP connections on `port` its process still holds: ESTABLISHED, or
+    CLOSE_WAIT (the client has gone, the server has not yet answered and closed)."""
+    local = f":{port:04X}"
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if fields[1].endswith(local) and fields[3] in ("01", "08"):
+                    count += 1
+    return count
+
+
 def drain(mock: Target, target: Target, quiet_s: float = 0.15, max_s: float = 30.0) -> tuple[dict[str, int], float]:
     """The mock's counters once the target has gone quiet (no new upstream call of any API,
-    no open delayed stream, (nearly) no CPU for quiet_s): wrk stops with requests in flight."""
+    no open delayed stream, (nearly) no CPU for quiet_s, and for the gateway no client
+    connection still held): wrk stops with requests in flight, and a gateway waiting on its
+    store (a PostgreSQL lock or stall) uses no CPU yet may forward them afterwards."""
     assert target.pid is not None
+    gateway = target.pid != mock.pid
     t0 = time.monotonic()
     last = services.mock_stats(mock)
     cpu = procstat.cpu_seconds(target.pid)
@@ -224,7 +242,7 @@ def drain(mock: Target, target: Target, quiet_s: float = 0.15, max_s: float = 30
         time.sleep(0.05)
         now = services.mock_stats(mock)
         cpu_now = procstat.cpu_seconds(target.pid)
-        if now["calls"] != last["calls"] or now["open_streams"]:
+        if now["calls"] != last["calls"] or now["open_streams"] or (gateway and held_connections(target.port)):
             last, cpu, since = now, cpu_now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
             if (cpu_now - cpu) / (time.monotonic() - since) < 0.1:
@@ -233,19 +251,49 @@ def drain(mock: Target, target: Target, quiet_s: float = 0.15, max_s: float = 30
     return last, time.monotonic() - t0
 
 
+def backend_pids(db_url: str) -> list[int]:
+    """PostgreSQL server processes connected to our database (the gateway's pool)."""
+    import asyncpg
+
+    async def query() -> list[int]:
+        conn = await asyncpg.connect(db_url)
+        try:
+            rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND pid <> pg_backend_pid()")
+            return [int(r["pid"]) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def pids_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / procstat.CLK_TCK
+    return total
+
+
 def measure(ep: Endpoint, mock: Target, sc: Scenario, duration_s: float, raw_s: float, workdir: Path,
-            max_wait_s: float) -> dict[str, Any]:
+            max_wait_s: float, db_url: str | None = None) -> dict[str, Any]:
     """One wrk run and one exact-count pass against one side."""
     target = ep.target
     assert target.pid is not None and mock.pid is not None
     load_before = wait_quiet(max_wait_s) if max_wait_s > 0 else None
     busy0, _ = procstat.machine_cpu()
     kids0 = _children_cpu()
+    # The PostgreSQL backends serving the gateway's pool: their CPU is the store's cost.
+    pg_pids = backend_pids(db_url) if db_url and ep.gateway else []
+    pg0 = pids_cpu(pg_pids)
     cpu0, mcpu0, t0 = procstat.cpu_seconds(target.pid), procstat.cpu_seconds(mock.pid), time.perf_counter()
     wrk = run_wrk(ep, sc, duration_s, workdir)
     cpu1, mcpu1, t1 = procstat.cpu_seconds(target.pid), procstat.cpu_seconds(mock.pid), time.perf_counter()
+    pg1 = pids_cpu(pg_pids)
     busy1, _ = procstat.machine_cpu()
-    ours = (cpu1 - cpu0) + (0 if target.pid == mock.pid else mcpu1 - mcpu0) + (_children_cpu() - kids0)
+    ours = ((cpu1 - cpu0) + (0 if target.pid == mock.pid else mcpu1 - mcpu0) + (_children_cpu() - kids0)
+            + (pg1 - pg0))
     stats1, drain_s = drain(mock, target)
     done = max(wrk["requests"], 1)
     run: dict[str, Any] = {
@@ -263,6 +311,8 @@ def measure(ep: Endpoint, mock: Target, sc: Scenario, duration_s: float, raw_s: 
         "cpu_util": (cpu1 - cpu0) / (t1 - t0),
         "mock_cpu_ms_per_request": (mcpu1 - mcpu0) * 1000 / done,
         "foreign_cpu_util": max(0.0, (busy1 - busy0) - ours) / (t1 - t0),
+        "pg_backends": len(pg_pids),
+        "pg_cpu_ms_per_request": (pg1 - pg0) * 1000 / done if pg_pids else None,
         "foreign_load_before": load_before,
         "drain_s": drain_s,
     }
@@ -314,6 +364,8 @@ def summarize(runs: list[dict[str, Any]], scenarios: list[Scenario]) -> dict[str
             s[side]["requests"] = sum(r["requests"] for r in rs)
             s[side]["samples"] = sorted({r["sample"] for r in rs if r["sample"]}
                                         | {r["exact"]["sample"] for r in rs if r["exact"]["sample"]})[:3]
+        pg_cpu = [r["pg_cpu_ms_per_request"] for r in gw if r.get("pg_cpu_ms_per_request") is not None]
+        s["gateway"]["pg_cpu_ms_per_request"] = _med(pg_cpu) if pg_cpu else None
         s["added_p50_ms"] = _med([g["p50_ms"] - d["p50_ms"] for d, g in pairs])
         s["added_p99_ms"] = _med([g["p99_ms"] - d["p99_ms"] for d, g in pairs])
         s["gateway_calls_per_request"] = (s["gateway"]["exact_upstream_calls"]
@@ -360,11 +412,13 @@ def render(store: str, summary: dict[str, Any], scenarios: list[Scenario]) -> st
     lines = [
         f"### store: {store}", "",
         "Medians over rounds [min–max]; added = gateway minus direct, paired by round. The last column "
-        "is the most CPU (in % of a core) that other processes on the machine used during a run.", "",
+        "is the most CPU (in % of a core) that other processes on the machine used during a run"
+        + (" (PostgreSQL's backends serving the gateway are counted as ours, in the PG CPU column)"
+           if store == "postgres" else "") + ".", "",
         "| scenario | direct API | req/s direct / gateway | p50 ms direct / gateway | added p50 ms "
-        "| added p99 ms | gateway CPU ms/req | upstream calls / request (exact) | failures "
-        "| others' CPU, direct / gateway runs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p99 ms | gateway CPU ms/req " + ("| PG backends' CPU ms/req " if store == "postgres" else "")
+        + "| upstream calls / request (exact) | failures | others' CPU, direct / gateway runs |",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if store == "postgres" else "") + "---:|---:|---:|",
     ]
     for sc in scenarios:
         s = summary.get(sc.name)
@@ -375,7 +429,9 @@ def render(store: str, summary: dict[str, Any], scenarios: list[Scenario]) -> st
             f"| {sc.name} | {sc.direct_api} | {fmt(d['rps']['median'], 0)} / {fmt(g['rps']['median'], 0)} "
             f"| {fmt(d['p50_ms']['median'])} / {fmt(g['p50_ms']['median'])} | {rng(s['added_p50_ms'])} "
             f"| {rng(s['added_p99_ms'])} | {rng(g['cpu_ms_per_request'], 3)} "
-            f"| {g['exact_upstream_calls']}/{g['exact_requests']} = {s['gateway_calls_per_request']:.2f} "
+            + (f"| {rng(g['pg_cpu_ms_per_request'], 3) if g.get('pg_cpu_ms_per_request') else '–'} "
+               if store == "postgres" else "")
+            + f"| {g['exact_upstream_calls']}/{g['exact_requests']} = {s['gateway_calls_per_request']:.2f} "
             f"| {d['failures'] + g['failures']} "
             f"| {fmt(d['foreign_cpu_util']['max'] * 100, 0)}% / {fmt(g['foreign_cpu_util']['max'] * 100, 0)}% |")
     rows = ratios(summary)
@@ -448,10 +504,12 @@ def run_store(store: str, mock: Target, scenarios: list[Scenario], args: argpars
     workdir = workdir / store
     workdir.mkdir()
     with contextlib.ExitStack() as stack:
+        db_url: str | None = None
         if store == "sqlite":
             store_line = f'path = "{workdir / "quota.db"}"'
         else:
             url = stack.enter_context(postgres_database(args.pg))
+            db_url = url
             store_line = f'url = "{url}"\npool_size = 20'
         config, key, port = prepare_gateway(workdir, mock.port, store_line)
         log = workdir / "quota-proxy.log"
@@ -472,13 +530,14 @@ def run_store(store: str, mock: Target, scenarios: list[Scenario], args: argpars
                 for sc in scenarios:
                     sides = [endpoint(mock, sc, False), endpoint(gw, sc, True)]
                     for ep in (sides if rnd % 2 == 0 else sides[::-1]):
-                        run = measure(ep, mock, sc, args.duration, args.raw_seconds, workdir, args.max_wait)
+                        run = measure(ep, mock, sc, args.duration, args.raw_seconds, workdir, args.max_wait,
+                                      db_url)
                         run["round"] = rnd + 1
                         run["store"] = store
                         runs.append(run)
                         x = run["exact"]
                         print(f"  r{rnd + 1} {sc.name:30} {run['target']:8} {run['rps']:7.0f} req/s "
-                              f"p50 {run['p50_ms']:6.2f} p99 {run['p99_ms']:6.2f} ms "
+                              f"p50 {run['p50_ms']:6.2f} p99 {run['p99_ms']:6.2f} max {run['max_ms']:7.1f} ms "
                               f"cpu {run['cpu_ms_per_request']:.3f} ms/req  exact {x['upstream_calls']}/"
                               f"{x['requests']}{'' if x['right_api'] else ' WRONG API'}  "
                               f"fail {run['non200'] + run['bad_body'] + run['socket_errors']}"
@@ -505,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", help=f"comma-separated subset of {','.join(KINDS)}")
     p.add_argument("--concurrency", help="comma-separated subset of 1,32")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/endpoints-<time>.json)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, SQLite store)")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
@@ -536,7 +596,10 @@ def main(argv: list[str] | None = None) -> int:
                 per_store.append(run_store(store, mock, scenarios, args, workdir))
             mock_final = services.mock_stats(mock)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     result: dict[str, Any] = {
         "kind": "quick" if args.quick else "full",
