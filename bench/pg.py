@@ -241,13 +241,14 @@ def main() -> None:
     out = BENCH / "results" / f"pg-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\ndirect mock p50 {doc['direct_p50_ms']} ms; load average {doc['load']}\n")
-    print(table(doc))
+    text = f"direct mock p50 {doc['direct_p50_ms']} ms; load average {doc['load']}\n\n" + table(doc)
     extra = workers_table(doc)
     if extra:
-        print(f"direct mock p50 by concurrency (ms): {doc['direct_p50_ms_by_concurrency']}\n")
-        print(extra)
-    print(f"written to {out}")
+        text += (f"\n{doc['workers'][-1]} workers beside 1 (added p50 against the mock at the same "
+                 f"concurrency; direct p50 ms by c: {doc['direct_p50_ms_by_concurrency']}):\n\n{extra}")
+    out.with_suffix(".md").write_text(f"# bench/pg.py, {doc['when']}, {doc['seconds']} s per pass\n\n{text}")
+    print("\n" + text)
+    print(f"written to {out} (and .md)")
 
 
 if __name__ == "__main__":
