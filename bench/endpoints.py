@@ -585,8 +585,14 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or RESULTS / f"endpoints-{'quick-' if args.quick else ''}{stamp}.json"
 
     services.raise_fd_limit()
-    host = machine()
+    host = machine()  # of this checkout; the gateway spawned may import another (recorded next)
     host["gateway_code"] = gateway_code()
+    repo = str(Path(host["gateway_code"]).parent)
+    host["gateway_git"] = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()
+    host["gateway_uncommitted"] = subprocess.run(
+        ["git", "-C", repo, "status", "--porcelain", "--", "quota_proxy"],
+        capture_output=True, text=True).stdout.split("\n")[:-1]
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="quota-bench-endpoints-"))
     per_store: list[dict[str, Any]] = []
@@ -618,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     parts = [f"# quota-proxy endpoints bench, {result['started']} ({result['kind']}: {args.rounds} rounds x "
-             f"{args.duration:g} s; gateway code {host['gateway_code']}, {host['git']})"]
+             f"{args.duration:g} s; gateway code {host['gateway_code']} at {host['gateway_git']}"
+             f"{' + uncommitted ' + ', '.join(x.split()[-1] for x in host['gateway_uncommitted']) if host['gateway_uncommitted'] else ''}"
+             f"; bench {host['git']})"]
     for s in per_store:
         parts += ["", render(s["store"], s["summary"], scenarios), "",
                   f"ledger verify: {s['checks']['ledger_verify']!r}",
