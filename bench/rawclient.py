@@ -36,7 +36,8 @@ class PassResult:
     wall_s: float = 0.0
 
 
-def build_request(host: str, port: int, path: str, body: bytes, auth: str | None) -> bytes:
+def build_request(host: str, port: int, path: str, body: bytes, auth: str | None,
+                  headers: dict[str, str] | None = None) -> bytes:
     lines = [
         f"POST {path} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -46,6 +47,7 @@ def build_request(host: str, port: int, path: str, body: bytes, auth: str | None
     ]
     if auth:
         lines.append(f"Authorization: Bearer {auth}")
+    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -98,9 +100,10 @@ async def run_pass(
     count: int | None = None,
     duration_s: float | None = None,
     timeout_s: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> PassResult:
     """Send exactly `count` requests (or as many as fit in duration_s, each one finished)."""
-    request = build_request(host, port, path, body, auth)
+    request = build_request(host, port, path, body, auth, headers)
     out = PassResult()
     issued = 0
     deadline = time.perf_counter() + (duration_s or 1e9)

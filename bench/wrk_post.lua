@@ -5,6 +5,9 @@
 --
 -- A response counts as good only if its status is 200 and its body contains every
 -- tab-separated string of BENCH_EXPECT. The last line printed starts with "WRKJSON ".
+-- Optional: BENCH_HEADERS, tab-separated "Name: value" headers added to every request
+-- (e.g. $'anthropic-version: 2023-06-01'); BENCH_AUTH_HEADER=x-api-key sends the key
+-- as "x-api-key: KEY" instead of "Authorization: Bearer KEY".
 
 local function read_file(path)
   local f = assert(io.open(path, "rb"), "cannot open " .. tostring(path))
@@ -18,7 +21,15 @@ wrk.body = read_file(os.getenv("BENCH_BODY_FILE"))
 wrk.headers["Content-Type"] = "application/json"
 local auth = os.getenv("BENCH_AUTH")
 if auth and auth ~= "" then
-  wrk.headers["Authorization"] = "Bearer " .. auth
+  if (os.getenv("BENCH_AUTH_HEADER") or "") == "x-api-key" then
+    wrk.headers["x-api-key"] = auth
+  else
+    wrk.headers["Authorization"] = "Bearer " .. auth
+  end
+end
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\t]+") do
+  local name, value = string.match(line, "^%s*([^:]+):%s*(.-)%s*$")
+  if name then wrk.headers[name] = value end
 end
 
 local expect = {}
