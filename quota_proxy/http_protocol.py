@@ -65,6 +65,80 @@ class Overloaded(QuotaError):
     default_message = "The gateway is at its connection limit; retry shortly."
 
 
+class CorkedTransport(asyncio.Transport):
+    """The connection's writes of one event-loop turn sent as one: uvicorn writes a
+    response's head and its body separately, which is two send(2) calls and two TCP segments
+    for every answer. Held bytes go out at the end of the turn (call_soon), before the loop
+    waits for anything, and at once before a close or an EOF."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.inner = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        if not self.inner.is_closing():
+            self.inner.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self.inner.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.inner.write_eof()
+
+    def abort(self) -> None:
+        self._held = []
+        self.inner.abort()
+
+    def can_write_eof(self) -> bool:
+        return self.inner.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.inner.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.inner.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size() + sum(map(len, self._held))
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.inner.set_write_buffer_limits(high, low)
+
+
 class GatewayConfig(Config):
     """uvicorn's Config with the limits this protocol reads; it is pickled to workers."""
 
@@ -108,6 +182,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = CorkedTransport(transport, self.loop)
         self._arm_header_timer()
 
     def on_message_begin(self) -> None:

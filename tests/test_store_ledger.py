@@ -240,12 +240,15 @@ async def test_a_v3_store_migrates_with_its_history_intact(tmp_path: Path) -> No
 async def test_money_that_came_in_commits_on_the_full_sync_connection(store: SqliteStore) -> None:
     assert store._tx is not None
     assert (await store._one("PRAGMA synchronous"))[0] == 1  # NORMAL: charges, holds
+    assert store._inline is not None  # the hot path's writes, on the event loop's thread
+    assert store._inline.execute("PRAGMA synchronous").fetchone()[0] == 1
     sync = list(await store._tx.execute_fetchall("PRAGMA synchronous"))
     assert sync[0][0] == 2  # FULL: the durable transactions
     durable: list[str] = []
     cheap: list[str] = []
     await store._tx.set_trace_callback(durable.append)
     await store.db.set_trace_callback(cheap.append)
+    store._inline.set_trace_callback(cheap.append)
     try:
         account = await store.create_account("acme")
         await store.credit(account.id, 1000, "credit", "")
@@ -260,6 +263,7 @@ async def test_money_that_came_in_commits_on_the_full_sync_connection(store: Sql
     finally:
         await store._tx.set_trace_callback(None)  # type: ignore[arg-type]
         await store.db.set_trace_callback(None)  # type: ignore[arg-type]
+        store._inline.set_trace_callback(None)
 
     def writes(log: list[str]) -> list[str]:
         # SQLite traces a statement once more per trigger step it runs: count each once.
