@@ -7,12 +7,14 @@ a background task commits everything submitted meanwhile in one transaction. The
 stays atomic and committed before the request is forwarded, so the balance is never
 promised twice; only the charge that replaces the hold is late, by one loop turn.
 
-The journal makes the gap safe. It is a folder of segment files, one per group, each held
-under flock(2) by the process writing it and deleted once its group has committed. A
+The journal makes the gap safe. It is a folder of segment files, each held under flock(2)
+by the process appending to it. A segment is deleted once everything in it has committed
+and it has grown past SEGMENT_BYTES (a file created and deleted per group cost three
+metadata operations per request, each of which can wait for the filesystem's journal). A
 process killed between the answer and the commit leaves its segment behind, unlocked; the
-next process to open the store, or to release expired holds, commits it first. Every
-settlement is keyed by its request id (`ON CONFLICT (request_id) DO NOTHING`), so a
-segment committed twice charges once.
+next process to open the store, or to release expired holds, commits all of it first.
+Every settlement is keyed by its request id (`ON CONFLICT (request_id) DO NOTHING`), so the
+lines that had committed already, or a segment committed twice, charge nothing more.
 
 Reads see what this process settled: an engine drains the writer before any read
 (`settled=True`, the default of its read helpers); the hot path's own statements (holds,
@@ -38,6 +40,7 @@ from quota_proxy.store.models import Outcome, Settlement, StoreUnavailable
 logger = logging.getLogger("quota_proxy.store")
 
 SUFFIX = ".settle"
+SEGMENT_BYTES = 1 << 20  # ~2,500 settlements; replaying one whole after a crash is cheap
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
 CLOSE_TIMEOUT_S = 10.0
@@ -83,16 +86,26 @@ class SettlementJournal:
         self._name = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._sequence = 0
         self._current: Segment | None = None
+        self._written = 0  # bytes in the current segment
 
     def append(self, s: Settlement) -> None:
         if self._current is None:
             self._current = self._new_segment()
-        os.write(self._current.fd, encode(s))
+            self._written = 0
+        line = encode(s)
+        os.write(self._current.fd, line)
+        self._written += len(line)
 
     def seal(self) -> Segment | None:
         """The segment written so far, closed to appends (the next append starts another)."""
         current, self._current = self._current, None
         return current
+
+    def all_committed(self) -> None:
+        """Everything appended so far has committed: past SEGMENT_BYTES the segment goes."""
+        if self._current is not None and self._written >= SEGMENT_BYTES:
+            self._current.discard()
+            self._current = None
 
     def _new_segment(self) -> Segment:
         """Created under a temporary name and renamed once locked, so a recovering process
@@ -256,17 +269,14 @@ class SettlementWriter:
                     await asyncio.wait_for(self._hurry.wait(), self.delay_s)
             self._hurry.clear()
             batch, self._pending = self._pending, []
-            segment = self.journal.seal()
             try:
                 await self._commit_retrying(batch)
             except asyncio.CancelledError:
                 self._pending[:0] = batch  # close() keeps them journaled for the next start
-                if segment is not None:
-                    segment.release()
                 raise
-            if segment is not None:
-                segment.discard()
             self._committed += len(batch)
+            if not self._pending:
+                self.journal.all_committed()
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:

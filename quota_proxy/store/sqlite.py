@@ -77,7 +77,13 @@ BUSY_TIMEOUT_MS = 30_000
 # The hot connection never checkpoints inside a commit (SQLite's default does, every 1,000
 # WAL pages: a ~13 ms stall landing on one request in ~50, the c=1 p99 tail); a third
 # connection checkpoints on this timer instead, off the event loop's thread.
-CHECKPOINT_INTERVAL_S = 1.0  # each one's fsync stalls concurrent WAL writes on a slow disk: keep them few
+# Each checkpoint ends in an fdatasync of the database file, which on the benchmark machine's
+# virtual disk took 18-145 ms (strace) and held up every write to the filesystem meanwhile:
+# the few requests writing then waited that long (the c=1 p99 tail). Few checkpoints, each
+# a few stalled requests, keep that tail rare; every second, because the WAL's restart
+# (below) needs a moment with no reader, and a 5 s timer found none often enough (the WAL
+# grew to 580 MB in 15 s of load).
+CHECKPOINT_INTERVAL_S = 1.0
 # A passive checkpoint never waits, so under steady writes it never finds the WAL wholly
 # copied, and SQLite restarts the WAL from its start only then: left alone the file grows
 # without bound (800 MB in 15 s of load, measured). Past this many frames (~64 MB) the timer
@@ -86,6 +92,8 @@ CHECKPOINT_INTERVAL_S = 1.0  # each one's fsync stalls concurrent WAL writes on 
 # retrying on the loop), so it is kept rare: about once per 15,000 request-sized writes.
 WAL_RESTART_FRAMES = 16_000
 WAL_RESTART_LEFT = 200
+RESTART_WAIT_MS = 200
+WAL_KEEP_BYTES = 64 << 20  # a restarted WAL file is cut back to this
 PASSIVE_ROUNDS = 8
 HOT_RETRY_FIRST_S = 0.0005  # a busy hot-path write retries on the loop after 0.5, 1, 2, … ms,
 HOT_RETRY_LAST_S = 0.016  # then goes to the connection's thread, which waits for the lock
@@ -159,6 +167,7 @@ class SqliteStore(DashboardQueries):
         self._tx: aiosqlite.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None  # used from worker threads only
         self._checkpoint_lock = asyncio.Lock()
+        self._checkpointing = False  # hot writes go through the thread meanwhile (see _hot_write)
         self._inline: sqlite3.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
@@ -230,11 +239,20 @@ class SqliteStore(DashboardQueries):
                 if frames - copied <= WAL_RESTART_LEFT:
                     break
                 _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if frames > 4 * WAL_RESTART_FRAMES:  # far behind: wait for readers (briefly) this time
+                conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+            try:
+                _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                conn.execute("PRAGMA busy_timeout = 0")
             return int(frames), int(copied)
 
         async with self._checkpoint_lock:
-            return await anyio.to_thread.run_sync(run)
+            self._checkpointing = True
+            try:
+                return await anyio.to_thread.run_sync(run)
+            finally:
+                self._checkpointing = False
 
     async def __aenter__(self) -> SqliteStore:
         await self.open()
@@ -279,7 +297,8 @@ class SqliteStore(DashboardQueries):
         write lock is free (one statement of tens of microseconds, against ~50 us of CPU
         for the hand-off to the connection's thread and back), else through that thread,
         which waits for the lock. Nothing of a statement refused as busy was applied."""
-        inline = self._inline
+        # While a checkpoint syncs, a write(2) may wait for it in the kernel: not on the loop.
+        inline = None if self._checkpointing else self._inline
         pause = HOT_RETRY_FIRST_S
         while inline is not None and pause <= HOT_RETRY_LAST_S:
             try:
@@ -873,6 +892,7 @@ def _marks(rows: int) -> str:
 def _connect_hot(path: Path) -> sqlite3.Connection:
     """A plain connection for the event loop's writes or the checkpointer's thread."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in ("busy_timeout = 0", "synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
+    for pragma in ("busy_timeout = 0", "synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0",
+                   f"journal_size_limit = {WAL_KEEP_BYTES}"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
