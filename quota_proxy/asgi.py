@@ -94,6 +94,12 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 T = TypeVar("T")
 
 
+def _client_left(watcher: asyncio.Future[Message]) -> bool:
+    if not watcher.done() or watcher.cancelled() or watcher.exception() is not None:
+        return False
+    return bool(watcher.result()["type"] == "http.disconnect")
+
+
 async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], Awaitable[T]]) -> T | None:
     """Run work(send), cancelling it at once if the client disconnects before the reply's
     final body message; None then. uvicorn's send() silently drops writes after a
@@ -124,6 +130,12 @@ async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], 
     watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
     watcher.add_done_callback(on_receive)
     try:
+        # One turn for the watcher first: a client that left while the request waited (for
+        # its hold, say) is seen here, and nothing is forwarded for it.
+        await asyncio.sleep(0)
+        if _client_left(watcher):
+            finished = True  # the watcher's callback, still to run, must not cancel this task
+            return None
         return await work(tracked)
     except asyncio.CancelledError:
         if not left:

@@ -394,3 +394,38 @@ async def test_concurrent_requests_never_overspend(gateway: GatewayHarness) -> N
     assert orjson.loads(verify.stdout)["ok"] is True
     # Last, the money: concurrent requests together never spent more than the balance held.
     assert fresh.balance >= 0, f"balance went to {fresh.balance} after {len(successes)} answers"
+
+
+async def test_a_caller_who_leaves_while_its_hold_waits_is_not_forwarded(gateway: GatewayHarness) -> None:
+    """The hold waits for the store's write lock (taken here by another connection, as a
+    busy database would); the caller gives up meanwhile. Once the hold is taken the gateway
+    sees the caller gone: nothing reaches the upstream and nothing is charged."""
+    if gateway.settings.store.url is not None:
+        pytest.skip("locks the SQLite file")
+    import sqlite3
+
+    await gateway.account("acme", 1_000_000)
+    key = await gateway.key("acme")
+    # One answered request first, so a kept-alive upstream connection is ready: the
+    # request would then go out at once, without waiting for anything.
+    first = await gateway.openai(key).chat.completions.create(model="quota/fast", messages=messages())
+    spent = int((first.usage.model_extra or {})["charged_quota_tokens"])
+    blocker = sqlite3.connect(gateway.settings.store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=0.3) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {key}"})
+        await anyio.sleep(0.3)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    for _ in range(100):  # the hold is taken once the lock is free, then the request ends
+        rows = await gateway.rows("SELECT outcome, charged FROM requests ORDER BY created_at, rowid")
+        if len(rows) == 2:
+            break
+        await anyio.sleep(0.05)
+    assert rows == [("ok", spent), ("client_disconnected", 0)]
+    assert gateway.upstream.app.stats["requests"] == 1
+    assert await gateway.balance("acme") == 1_000_000 - spent
+    await assert_books_clean(gateway)
