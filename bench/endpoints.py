@@ -212,45 +212,6 @@ def run_wrk(ep: Endpoint, sc: Scenario, duration_s: float, workdir: Path) -> dic
     raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
 
 
-def held_connections(port: int) -> int:
-    """Server-side TCP connections on `port` its process still holds: ESTABLISHED, or
-    CLOSE_WAIT (the client has gone, the server has not yet answered and closed)."""
-    local = f":{port:04X}"
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if fields[1].endswith(local) and fields[3] in ("01", "08"):
-                    count += 1
-    return count
-
-
-def drain(mock: Target, target: Target, quiet_s: float = 0.15, max_s: float = 30.0) -> tuple[dict[str, int], float]:
-    """The mock's counters once the target has gone quiet (no new upstream call of any API,
-    no open delayed stream, (nearly) no CPU for quiet_s, and for the gateway no client
-    connection still held): wrk stops with requests in flight, and a gateway waiting on its
-    store (a PostgreSQL lock or stall) uses no CPU yet may forward them afterwards."""
-    assert target.pid is not None
-    gateway = target.pid != mock.pid
-    t0 = time.monotonic()
-    last = services.mock_stats(mock)
-    cpu = procstat.cpu_seconds(target.pid)
-    since = time.monotonic()
-    while time.monotonic() - t0 < max_s:
-        time.sleep(0.05)
-        now = services.mock_stats(mock)
-        cpu_now = procstat.cpu_seconds(target.pid)
-        if now["calls"] != last["calls"] or now["open_streams"] or (gateway and held_connections(target.port)):
-            last, cpu, since = now, cpu_now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            if (cpu_now - cpu) / (time.monotonic() - since) < 0.1:
-                break
-            cpu, since = cpu_now, time.monotonic()
-    return last, time.monotonic() - t0
-
-
 def backend_pids(db_url: str) -> list[int]:
     """PostgreSQL server processes connected to our database (the gateway's pool)."""
     import asyncpg
@@ -294,7 +255,7 @@ def measure(ep: Endpoint, mock: Target, sc: Scenario, duration_s: float, raw_s: 
     busy1, _ = procstat.machine_cpu()
     ours = ((cpu1 - cpu0) + (0 if target.pid == mock.pid else mcpu1 - mcpu0) + (_children_cpu() - kids0)
             + (pg1 - pg0))
-    stats1, drain_s = drain(mock, target)
+    stats1, drain_s = services.drain(mock, target)
     done = max(wrk["requests"], 1)
     run: dict[str, Any] = {
         "scenario": sc.name, "kind": sc.kind, "stream": sc.stream, "concurrency": sc.concurrency,

@@ -148,28 +148,6 @@ def pct(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def drain(mock: Target, target: Target, quiet_s: float = 0.15, max_s: float = 30.0) -> tuple[dict[str, int], float]:
-    """The mock's counters once the target has gone quiet: no new upstream call, no delayed
-    stream open and (nearly) no CPU used for quiet_s. wrk stops with requests in flight, and
-    a slow gateway may still be forwarding its backlog of them."""
-    assert target.pid is not None
-    t0 = time.monotonic()
-    last = services.mock_stats(mock)
-    cpu = procstat.cpu_seconds(target.pid)
-    since = time.monotonic()
-    while time.monotonic() - t0 < max_s:
-        time.sleep(0.05)
-        now = services.mock_stats(mock)
-        cpu_now = procstat.cpu_seconds(target.pid)
-        if now["chat"] != last["chat"] or now["open_streams"]:
-            last, cpu, since = now, cpu_now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            if (cpu_now - cpu) / (time.monotonic() - since) < 0.1:
-                break
-            cpu, since = cpu_now, time.monotonic()
-    return last, time.monotonic() - t0
-
-
 def wait_quiet(max_wait_s: float, threshold: float = 0.25) -> float:
     """Wait (at most max_wait_s) until the machine is idle, since it may be shared.
 
@@ -205,7 +183,7 @@ def measure(target: Target, mock: Target, sc: Scenario, duration_s: int, raw_s: 
     ours = (cpu1 - cpu0) + (0 if target.pid == mock.pid else mcpu1 - mcpu0) + (_children_cpu() - kids0)
     mem = procstat.memory_kb(target.pid)
     # wrk stops with requests in flight; a slow gateway may still forward its backlog.
-    stats1, drain_s = drain(mock, target)
+    stats1, drain_s = services.drain(mock, target)
     rows1 = settled_rows(store)
     calls = stats1["chat"] - stats0["chat"]
     done = max(wrk["requests"], 1)
