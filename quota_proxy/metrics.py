@@ -58,7 +58,10 @@ class Metrics:
             "quota_rate_limited", "Requests refused with 429 by a key's limits.", ["route"], registry=r
         )
         self.store_latency = Histogram(
-            "quota_store_duration_seconds", "Store operations on the request path.", ["op"],
+            "quota_store_duration_seconds",
+            "Store work on the request path: hold (one statement), settle (the journal append; "
+            "its group commits after the answer).",
+            ["op"],
             buckets=STORE_BUCKETS, registry=r,
         )
 

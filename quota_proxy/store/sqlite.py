@@ -60,10 +60,10 @@ from quota_proxy.store.records import (
     request_row,
 )
 
-# Schema versions and their scripts, applied in order. Numbers are reserved per branch, so
-# the list may have gaps while branches merge; a file is at the highest version it ran.
 logger = logging.getLogger("quota_proxy.store")
 
+# Schema versions and their scripts, applied in order. Numbers are reserved per branch, so
+# the list may have gaps while branches merge; a file is at the highest version it ran.
 MIGRATIONS: dict[int, str] = {
     1: "schema_v1.sql",
     2: "schema_v2.sql",
@@ -74,10 +74,9 @@ MIGRATIONS: dict[int, str] = {
 }
 LATEST_VERSION = max(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
-# The hot connection never checkpoints inside a commit (SQLite's default does, every 1,000
-# WAL pages: a ~13 ms stall landing on one request in ~50, the c=1 p99 tail); a third
-# connection checkpoints on this timer instead, off the event loop's thread.
-# Each checkpoint ends in an fdatasync of the database file, which on the benchmark machine's
+# No connection checkpoints inside a commit (SQLite's default does, every 1,000 WAL pages:
+# a ~13 ms stall on one request in ~50); `_checkpointer` does, on this timer, from a worker
+# thread. Each checkpoint ends in an fdatasync of the database file, which on the benchmark machine's
 # virtual disk took 18-145 ms (strace) and held up every write to the filesystem meanwhile:
 # the few requests writing then waited that long (the c=1 p99 tail). Few checkpoints, each
 # a few stalled requests, keep that tail rare; every second, because the WAL's restart
