@@ -31,7 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quota_proxy.keys import new_id  # noqa: E402
-from quota_proxy.store import Outcome, Settlement, SqliteStore  # noqa: E402
+from quota_proxy.store import Outcome, Settlement  # noqa: E402
+from quota_proxy.store.sqlite import SqliteStore  # noqa: E402
 
 ROUNDS = 5
 

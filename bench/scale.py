@@ -178,7 +178,8 @@ def measure_store(gw: Target, n: int) -> dict[str, Any]:
 
 def measure_store_api(store: Path, n: int) -> dict[str, Any]:
     """take_hold + settle through SqliteStore, the gateway stopped: the store's own cost."""
-    from quota_proxy.store import Settlement, SqliteStore
+    from quota_proxy.store import Settlement
+    from quota_proxy.store.sqlite import SqliteStore
 
     async def go() -> dict[str, Any]:
         async with SqliteStore(store) as st:

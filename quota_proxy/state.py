@@ -7,19 +7,20 @@ metering middleware gets a working request id and log record.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from quota_proxy.asgi import Scope
+from quota_proxy.keys import time_ordered_hex
 from quota_proxy.store.models import KeyRecord
 
 STATE_KEY = "quota.state"
 
 
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """'req_' and 24 hex digits, in creation order (keys.time_ordered_hex says why)."""
+    return "req_" + time_ordered_hex()
 
 
 @dataclass(frozen=True, slots=True)

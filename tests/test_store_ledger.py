@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from importlib import resources
@@ -226,7 +227,7 @@ async def test_a_v3_store_migrates_with_its_history_intact(tmp_path: Path) -> No
     path = tmp_path / "old.db"
     _create_v3(path)
     async with SqliteStore(path) as store:
-        assert (await store._one("PRAGMA user_version"))[0] == LATEST_VERSION == 6
+        assert (await store._one("PRAGMA user_version"))[0] == LATEST_VERSION == 7
         outcomes = await store._all("SELECT request_id, outcome, cache_read_tokens, session_id FROM requests")
         assert outcomes == [("req_1", "ok", 0, None), ("req_2", "upstream_rejected", 0, None)]
         entries = await store.ledger(1)
@@ -353,3 +354,31 @@ async def test_a_cancelled_durable_write_leaves_no_transaction_open(store: Sqlit
     assert fresh.balance - 40 * 1000 == len(ledger.entries) - 40 == done  # each 1 whole or absent
     assert 0 < done < 40  # some were cancelled, some not
     assert await store.verify_ledger() == []
+
+
+def test_request_and_ledger_ids_sort_by_creation_time() -> None:
+    """Their unique indexes grow at the end (one page per settlement group, not one random
+    page per row); the format users see stays prefix + 24 hex digits."""
+    from quota_proxy.keys import new_ledger_id
+    from quota_proxy.state import new_request_id
+
+    earlier = [new_request_id(), new_ledger_id()]
+    time.sleep(0.002)
+    later = [new_request_id(), new_ledger_id()]
+    for before, after in zip(earlier, later, strict=True):
+        assert re.fullmatch(r"(req|ledg)_[0-9a-f]{24}", after)
+        assert before < after and before[:-12] != after[:-12]
+    many = {new_request_id() for _ in range(10_000)}
+    assert len(many) == 10_000  # 48 random bits after the millisecond
+
+
+async def test_holds_keep_only_the_index_the_hot_path_uses(store: SqliteStore) -> None:
+    """Each index on holds is a page more in every hold's and every settlement's commit."""
+    rows = await store._all("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'holds'")
+    assert [name for (name,) in rows] == ["holds_key"]
+    account = await funded(store)
+    hold = await store.take_hold(account.id, 10, "req_a", "me", ttl_ms=-1)
+    await store.refresh_holds("someone else", 60_000)
+    assert await store.release_expired_holds() == 1  # found without holds_expiry
+    assert await store.available(account.id) == 1_000_000
+    assert hold > 0

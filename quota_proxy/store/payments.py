@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from quota_proxy.keys import new_id
+from quota_proxy.keys import new_id, new_ledger_id
 from quota_proxy.store.records import now_ms
 from quota_proxy.store.sql import SqlConnection
 from quota_proxy.store.sqlite import SqliteStore
@@ -277,7 +277,7 @@ class PaymentStore:
                     EventResult(EventOutcome.MISMATCH, order.public_id, detail=problem),
                 )
             now = now_ms()
-            ledger_id = new_id("ledg")
+            ledger_id = new_ledger_id()
             moved = list(
                 await tx.execute_fetchall(
                     "UPDATE orders SET status = 'paid', ledger_id = ?, paid_event_id = ?, "
@@ -387,7 +387,7 @@ class PaymentStore:
             )
             take = tokens_total - order.refunded_tokens
             now = now_ms()
-            ledger_id = new_id("ledg") if take > 0 else None
+            ledger_id = new_ledger_id() if take > 0 else None
             ledger_ids = [*order.refund_ledger_ids, *([ledger_id] if ledger_id else [])]
             moved = list(
                 await tx.execute_fetchall(
@@ -442,7 +442,7 @@ class PaymentStore:
         CodeRefused("unknown" | "used" | "expired") otherwise; nothing is written then.
         """
         now = now_ms()
-        ledger_id = new_id("ledg")
+        ledger_id = new_ledger_id()
         async with self._transaction() as tx:
             claimed = list(
                 await tx.execute_fetchall(

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from quota_proxy.keys import new_id
+from quota_proxy.keys import new_id, new_ledger_id
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.dashboard_postgres import DASHBOARD_METHODS, PostgresDashboardQueries
 from quota_proxy.store.group_commit import SettlementJournal, SettlementWriter
@@ -66,7 +66,7 @@ from quota_proxy.store.records import (
 
 logger = logging.getLogger("quota_proxy.store")
 
-MIGRATIONS = ("pg_schema_v1.sql", "pg_schema_v2.sql", "pg_schema_v3.sql")
+MIGRATIONS = ("pg_schema_v1.sql", "pg_schema_v2.sql", "pg_schema_v3.sql", "pg_schema_v4.sql")
 COPY_TABLES = ("accounts", "api_keys", "ledger", "requests", "holds", "idempotency")
 _BOOLEANS = frozenset({"estimated", "allow_community"})
 MIGRATION_LOCK = 1364_0000  # pg_advisory_lock key: one migrator at a time across gateways
@@ -429,7 +429,7 @@ class PostgresStore:
                 f"INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 f"description, created_at) VALUES ($1, $2, $3, 0, $4, $5, $6) "
                 f"RETURNING {LEDGER_COLUMNS}",
-                new_id("ledg"), account_id, amount, kind, description, now_ms(), again=False, durable=True,
+                new_ledger_id(), account_id, amount, kind, description, now_ms(), again=False, durable=True,
             )
         except (asyncpg.ForeignKeyViolationError, asyncpg.RaiseError):
             raise ValueError("no such account") from None
@@ -629,7 +629,7 @@ class PostgresStore:
         commit is not written again); if the database stays away, the settlement waits in
         memory for the hold keeper, and its hold (kept alive by this process) waits with it.
         """
-        ledger_id = new_id("ledg") if s.charged > 0 else None
+        ledger_id = new_ledger_id() if s.charged > 0 else None
         delay = 0.05
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
             try:
@@ -649,7 +649,7 @@ class PostgresStore:
 
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
         """The group in one transaction (executemany: pipelined, about one round trip)."""
-        rows = [request_row(s, new_id("ledg") if s.charged > 0 else None, s.created_at) for s in batch]
+        rows = [request_row(s, new_ledger_id() if s.charged > 0 else None, s.created_at) for s in batch]
 
         async def insert(conn: asyncpg.Connection) -> None:
             await conn.executemany(_SETTLE_SQL, rows)
@@ -668,7 +668,7 @@ class PostgresStore:
 
     async def _settle_queued(self) -> None:
         for request_id, s in list(self._unsettled.items()):
-            await self._settle(s, new_id("ledg") if s.charged > 0 else None)
+            await self._settle(s, new_ledger_id() if s.charged > 0 else None)
             self._unsettled.pop(request_id, None)
 
     async def release_hold(self, hold_id: int) -> None:
@@ -853,7 +853,7 @@ class PostgresStore:
                 "WHERE kind = 'user' AND parent_id = $1 AND name = $2 FOR NO KEY UPDATE",
                 developer_id, external_user_id,
             )
-            dev_ledger, user_ledger = new_id("ledg"), new_id("ledg")
+            dev_ledger, user_ledger = new_ledger_id(), new_ledger_id()
             insert = (
                 "INSERT INTO ledger (public_id, account_id, amount, balance_after, kind, "
                 "idempotency_key, related_id, description, created_at) "
