@@ -241,8 +241,8 @@ async def _in_transaction(conn: asyncpg.Connection) -> bool:
 
 
 async def test_a_settlement_waits_out_an_outage_and_is_written_once(store: PostgresStore, url: str) -> None:
-    """The database goes away between the reply and its settlement: the settlement is kept
-    and written by the next keeper tick once the database is back, exactly once."""
+    """The database goes away between the reply and its settlement: the settlement goes to
+    the journal and the settlement writer commits it once the database is back, exactly once."""
     account = await funded(store, 1000)
     hold = await store.take_hold(account, 100, "req_1", "me", TTL_MS)
     s = Settlement("req_1", account, account, None, None, hold, "quota/fast", "m", 3, 4, "x1", 7,
@@ -250,14 +250,20 @@ async def test_a_settlement_waits_out_an_outage_and_is_written_once(store: Postg
     database = url.partition("?")[0].rpartition("/")[2]
     await allow_connections(database, False)
     try:
-        assert await store.settle(s) is None  # queued, not raised into the response path
+        assert await store.settle(s) is None  # journaled, not raised into the response path
+        assert store.settlements.pending
+        journaled = b"".join(path.read_bytes() for path in store.settlements.journal.directory.glob("*.settle"))
+        assert journaled.count(b"req_1") == 1  # it would survive this process too
         with pytest.raises(StoreUnavailable):
             await store.refresh_holds("me", TTL_MS)
     finally:
         await allow_connections(database, True)
-    await store.refresh_holds("me", TTL_MS)
-    await store.refresh_holds("me", TTL_MS)
+    with anyio.fail_after(15):  # the writer retries with a backoff of at most 2 s
+        while store.settlements.pending:
+            await anyio.sleep(0.05)
     fresh = await store.account(account)
     assert fresh is not None and (fresh.balance, fresh.held) == (993, 0)
-    assert [e.kind for e in await store.ledger(account)] == ["charge", "credit"]
+    entries = await store.ledger(account)
+    assert [e.kind for e in entries] == ["charge", "credit"]
+    assert await store.settle(s) == entries[0].public_id  # settled before: nothing charged again
     assert await store.verify_ledger() == []

@@ -148,10 +148,8 @@ class PostgresStore:
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
-        # Settlements whose connection died on every attempt: written by the next
-        # refresh_holds (the hold keeper), keyed by request id so none is written twice.
-        self._unsettled: dict[str, Settlement] = {}
-        # The gateway's settlements: journaled on this machine, committed in groups.
+        # The gateway's settlements (and settle()'s, when the database is away): journaled
+        # on this machine, committed in groups, keyed by request id so none is written twice.
         self.settlements = SettlementWriter(
             SettlementJournal(journal or _default_journal(url)), self._settle_group, settle_delay_ms / 1000
         )
@@ -626,8 +624,9 @@ class PostgresStore:
         """Charge, release the hold, record usage: one statement, keyed by request id.
 
         A lost connection is retried (the key makes a retry safe: a settlement that did
-        commit is not written again); if the database stays away, the settlement waits in
-        memory for the hold keeper, and its hold (kept alive by this process) waits with it.
+        commit is not written again); if the database stays away, the settlement goes to
+        the journal and the settlement writer, which commits it once the database is back
+        (None is returned then), and its hold (kept alive by this process) waits with it.
         """
         ledger_id = new_ledger_id() if s.charged > 0 else None
         delay = 0.05
@@ -636,8 +635,8 @@ class PostgresStore:
                 return await self._settle(s, ledger_id)
             except StoreUnavailable as exc:
                 if attempt == SETTLE_ATTEMPTS:
-                    logger.warning("store: settlement of %s queued: %s", s.request_id, exc)
-                    self._unsettled[s.request_id] = s
+                    logger.warning("store: settlement of %s journaled for the writer: %s", s.request_id, exc)
+                    self.settlements.submit(s)
                     return None
                 await asyncio.sleep(delay)
                 delay *= 4
@@ -666,18 +665,11 @@ class PostgresStore:
         earlier = await self._one("SELECT ledger_id FROM requests WHERE request_id = $1", s.request_id)
         return str(earlier[0]) if earlier and earlier[0] is not None else None
 
-    async def _settle_queued(self) -> None:
-        for request_id, s in list(self._unsettled.items()):
-            await self._settle(s, new_ledger_id() if s.charged > 0 else None)
-            self._unsettled.pop(request_id, None)
-
     async def release_hold(self, hold_id: int) -> None:
         await self._execute("DELETE FROM holds WHERE id = $1", hold_id)
 
     async def refresh_holds(self, owner: str, ttl_ms: int) -> None:
-        """Keep this process's in-flight holds alive (a dead gateway stops doing this), after
-        writing any settlements that waited for the database."""
-        await self._settle_queued()
+        """Keep this process's in-flight holds alive (a dead gateway stops doing this)."""
         await self._execute(
             "UPDATE holds SET expires_at = quota_now_ms() + $1 WHERE owner = $2", ttl_ms, owner
         )
