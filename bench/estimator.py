@@ -211,7 +211,7 @@ def sources() -> dict[str, list[Source]]:
     }
     for cat, langs in SCRIPT_LANGS.items():
         cats[cat] = [
-            Source("/usr/share/locale/{%s}/LC_MESSAGES/*.mo (translated strings, one per line)" % ",".join(langs),
+            Source(f"/usr/share/locale/{{{','.join(langs)}}}/LC_MESSAGES/*.mo (translated strings, one per line)",
                    _from_files(partial(_locale_mo, langs), reader=_mo_text, depth=3)),
             Source("/usr/share/man/{lang}/man*/* (translated man pages)",
                    _from_files(partial(_locale_man, langs), depth=2)),
@@ -300,7 +300,7 @@ def measure(samples: dict[str, list[str]]) -> list[Row]:
         estimates = [estimate_text_tokens(t) for t in texts]
         for name, enc in encs.items():
             row = Row(cat, name)
-            for text, est in zip(texts, estimates):
+            for text, est in zip(texts, estimates, strict=True):
                 real = len(enc.encode_ordinary(text))
                 if real == 0:
                     continue
@@ -476,7 +476,7 @@ def fit(path: Path, target_under: float = 4.0, step: float = 0.05) -> dict[str, 
                 done = False
         if done:
             break
-    return {name: round(math.ceil(r / step - 1e-9) * step, 4) for name, r in zip(names, rates)}
+    return {name: round(math.ceil(r / step - 1e-9) * step, 4) for name, r in zip(names, rates, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

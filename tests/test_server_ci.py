@@ -28,7 +28,7 @@ def test_ci_runs_the_readme_test_command_which_lints_and_type_checks() -> None:
     assert '".[test,dev]"' in command  # ruff and mypy are in the dev extra
     assert command.endswith("&& scripts/check")
     check = (REPO / "scripts" / "check").read_text()
-    assert check.index("-m ruff check quota_proxy tests") < check.index("-m mypy") < check.index("-m pytest")
+    assert check.index("-m ruff check quota_proxy tests bench") < check.index("-m mypy") < check.index("-m pytest")
 
 
 @pytest.fixture
