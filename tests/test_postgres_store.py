@@ -267,3 +267,44 @@ async def test_a_settlement_waits_out_an_outage_and_is_written_once(store: Postg
     assert [e.kind for e in entries] == ["charge", "credit"]
     assert await store.settle(s) == entries[0].public_id  # settled before: nothing charged again
     assert await store.verify_ledger() == []
+
+
+async def test_the_keeper_skips_a_hold_a_settlement_has_locked_instead_of_waiting(
+    store: PostgresStore, url: str
+) -> None:
+    """A settlement group locks the holds it deletes in its own order; a refresh that waited
+    for them could close a circle (PostgreSQL's deadlock_timeout then stalls the account's
+    requests for a second, as bench/pg.py showed). It skips the locked one instead."""
+    account = await funded(store, 1000)
+    settling = await store.take_hold(account, 100, "req_settling", "me", TTL_MS)
+    waiting = await store.take_hold(account, 100, "req_waiting", "me", TTL_MS)
+    before = dict(await store._all("SELECT id, expires_at FROM holds"))
+    other = await asyncpg.connect(url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("DELETE FROM holds WHERE id = $1", settling)  # a group in flight
+        await anyio.sleep(0.01)
+        with anyio.fail_after(2):  # it used to wait for the lock until the transaction ended
+            await store.refresh_holds("me", TTL_MS)
+        after = dict(await store._all("SELECT id, expires_at FROM holds"))
+        assert after[waiting] > before[waiting]
+        assert after[settling] == before[settling]  # skipped: being settled
+        await tx.rollback()
+    finally:
+        await other.close()
+    await store.refresh_holds("me", TTL_MS)  # the next tick refreshes it after all
+    assert dict(await store._all("SELECT id, expires_at FROM holds"))[settling] > before[settling]
+
+
+def test_groups_take_their_row_locks_in_one_order_whatever_order_requests_ended_in() -> None:
+    from quota_proxy.store.postgres import _lock_order
+
+    def settled(request_id: str, account: int, hold: int) -> Settlement:
+        return Settlement(request_id, account, account, None, 7, hold, "quota/fast", "m", 3, 4, "x1", 7,
+                          False, Outcome.OK, 200)
+
+    batch = [settled("req_a", 2, 10), settled("req_b", 1, 12), settled("req_c", 2, 9), settled("req_d", 1, 11)]
+    one_way = [s.request_id for s in sorted(batch, key=_lock_order)]
+    other_way = [s.request_id for s in sorted(reversed(batch), key=_lock_order)]
+    assert one_way == other_way == ["req_d", "req_b", "req_c", "req_a"]

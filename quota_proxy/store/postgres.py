@@ -103,6 +103,13 @@ def _default_journal(url: str) -> Path:
 
 
 
+def _lock_order(s: Settlement) -> tuple[int, int, int, str, int, int]:
+    """The order a group's settlements take their row locks in (accounts, usage rows, rate
+    window, hold), the same in every gateway: two groups then never wait for each other in
+    a circle. It is not the order the requests ended in; a group commits whole."""
+    return (s.charged_account_id, s.account_id, s.user_id or 0, s.route, s.key_id or 0, s.hold_id or 0)
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
@@ -647,8 +654,12 @@ class PostgresStore:
         self.settlements.submit(s)
 
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
-        """The group in one transaction (executemany: pipelined, about one round trip)."""
-        rows = [request_row(s, new_ledger_id() if s.charged > 0 else None, s.created_at) for s in batch]
+        """The group in one transaction (executemany: pipelined, about one round trip), its
+        rows in lock order (_lock_order), so two gateways' groups never deadlock."""
+        rows = [
+            request_row(s, new_ledger_id() if s.charged > 0 else None, s.created_at)
+            for s in sorted(batch, key=_lock_order)
+        ]
 
         async def insert(conn: asyncpg.Connection) -> None:
             await conn.executemany(_SETTLE_SQL, rows)
@@ -669,9 +680,18 @@ class PostgresStore:
         await self._execute("DELETE FROM holds WHERE id = $1", hold_id)
 
     async def refresh_holds(self, owner: str, ttl_ms: int) -> None:
-        """Keep this process's in-flight holds alive (a dead gateway stops doing this)."""
+        """Keep this process's in-flight holds alive (a dead gateway stops doing this).
+
+        A hold whose row is locked is being settled (deleted) by a group in flight: it is
+        skipped, not waited for. Waiting deadlocked (seen in bench/pg.py: the group locks the
+        holds in its own order, this UPDATE in the table's, and deadlock_timeout stalled
+        every request of the account for a second); if that group rolls back, the next
+        tick refreshes the hold, long before its TTL runs out.
+        """
         await self._execute(
-            "UPDATE holds SET expires_at = quota_now_ms() + $1 WHERE owner = $2", ttl_ms, owner
+            "UPDATE holds SET expires_at = quota_now_ms() + $1 WHERE id IN "
+            "(SELECT id FROM holds WHERE owner = $2 FOR UPDATE SKIP LOCKED)",
+            ttl_ms, owner,
         )
 
     async def release_expired_holds(self) -> int:
