@@ -4,7 +4,7 @@ gateway, on one machine in one run.
 
     python bench/floor.py [--seconds 5] [--rounds 2]
 
-The floor app reads the body, renames the model, POSTs it through
+The floor app reads the body (the gateway's own `read_body`), renames the model, POSTs it through
 `quota_proxy.http_client.UpstreamClient` and sends the answer back: the same server and the
 same client as the gateway, nothing else (no auth, metering, store, log or metrics). What
 the gateway adds over the floor is its own layers' cost. Every response is verified as in
@@ -34,6 +34,7 @@ SCENARIOS = [sc for sc in FULL if sc.name in ("chat c=1", "chat c=64")]
 
 def floor_app(mock_port: int) -> Any:
     """The ASGI app: the gateway's server and upstream client, and nothing else."""
+    from quota_proxy.asgi import read_body
     from quota_proxy.http_client import UpstreamClient
 
     url = f"http://{services.HOST}:{mock_port}/v1/chat/completions"
@@ -43,12 +44,7 @@ def floor_app(mock_port: int) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(scope, receive, 1 << 20)
         response = await client.send(url, body.replace(b"quota/fast", b"mock-model"), headers,
                                      timeout=60, connect_timeout=5)
         data = await response.aread()
