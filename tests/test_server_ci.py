@@ -33,11 +33,11 @@ def test_ci_runs_the_readme_test_command_which_lints_and_type_checks() -> None:
 
 @pytest.fixture
 def copy(tmp_path: Path) -> Path:
-    """The package, its tests' first file, pyproject and scripts in a scratch folder (mypy's
-    cache too, so the type check is incremental)."""
-    for name in ("quota_proxy", "scripts", ".mypy_cache"):
+    """The package, its tests' first file, pyproject, scripts and bench (linted too) in a
+    scratch folder (mypy's cache too, so the type check is incremental)."""
+    for name in ("quota_proxy", "scripts", "bench", ".mypy_cache"):
         if (REPO / name).exists():
-            shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", ".venv*", "results"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "__init__.py").write_text("")
