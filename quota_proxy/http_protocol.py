@@ -182,7 +182,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport = CorkedTransport(transport, self.loop)
+        self.transport = self.cork = CorkedTransport(transport, self.loop)
         self._arm_header_timer()
 
     def on_message_begin(self) -> None:
@@ -201,6 +201,12 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.awaiting_headers = True
+
+    def on_response_complete(self) -> None:
+        # The answer is whole: out now, not at the end of this loop turn, which comes only
+        # after the app's own teardown in the same task step (its access line, metrics).
+        self.cork.flush()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
