@@ -72,7 +72,7 @@ class Gateway:
         keys = KeyCache(self.store)
         metrics = Metrics()
         self.services = Services(self.live, self.store, routes, keys, metrics)
-        proxy = UpstreamProxy(self.http_client)
+        proxy = UpstreamProxy(self.http_client, self.store.quiet)
         self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)
         self.agents = agents = AgentApi(proxy, self.store, self.live, routes, self.keeper)
         account = AccountApi(self.services)

@@ -108,7 +108,9 @@ class StoreSettings:
     # Settlements wait here for their group commit (store/group_commit.py); default: beside
     # the SQLite file, or `quota-settlements` beside the config file for PostgreSQL.
     journal: Path | None = None
-    settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 0  # how long a group may wait for company
+    # The longest a settlement group waits for a quiet moment (the gateway waiting on an
+    # upstream) before it commits; 0: at the next event-loop turn.
+    settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 1
 
 
 @dataclass(frozen=True, slots=True)

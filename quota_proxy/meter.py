@@ -91,7 +91,13 @@ def limits_for(key: KeyRecord, route: Route) -> Limits:
 
 
 async def check_rate(store: Store, key_id: int, limits: Limits) -> None:
-    """Count this request against the key's per-minute limits; 429 when one is reached."""
+    """Count this request against the key's per-minute limits; 429 when one is reached.
+
+    Tokens and requests in flight are counted when a request settles (its hold goes then):
+    with either limit, this process's pending settlements commit first, so a caller whose
+    previous answer arrived is not counted as still waiting for it."""
+    if limits.tpm or limits.max_concurrent:
+        await store.commit_pending()
     if not (limits.rpm or limits.tpm):
         return
     if not await store.count_request(key_id, limits.rpm, limits.tpm):

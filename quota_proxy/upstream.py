@@ -144,8 +144,9 @@ class UpstreamProxy:
     mid-stream, cancels the upstream request at once (its connection is closed).
     """
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, quiet: Callable[[], None] = lambda: None) -> None:
         self.client = client
+        self._quiet = quiet  # called as each request goes upstream (Store.quiet)
         self._cool_until: dict[str, float] = {}
 
     def cooling_down(self) -> dict[str, float]:
@@ -203,6 +204,9 @@ class UpstreamProxy:
             call = call_for(upstream)
             state.log["upstream"] = upstream.name
             started = time.perf_counter()
+            # The loop waits for this answer next: a good moment for deferred store work,
+            # which runs once this task has written the request and awaits the reply.
+            self._quiet()
             try:
                 response = await self.client.send(
                     call.url,

@@ -53,7 +53,10 @@ def config_toml(upstream_url: str, store_path: Path, **overrides: Any) -> str:
     server = overrides.get("server", {})
     funding = overrides.get("funding", {})
     extra_routes = overrides.get("routes", "")
-    store = overrides.get("store") or {"path": str(store_path)}
+    # The tests read the store from outside the gateway the moment an answer arrives, and
+    # the in-process harness blocks its own loop in CLI calls: groups commit at once here
+    # (tests/test_group_commit.py covers the wait for a quiet moment).
+    store = {"settle_delay_ms": 0, **(overrides.get("store") or {"path": str(store_path)})}
     lines = [
         "[server]",
         *(f"{k} = {_toml(v)}" for k, v in server.items()),

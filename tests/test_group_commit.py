@@ -3,14 +3,17 @@ end of the answer, committed in groups afterwards. A process killed in between l
 charge and doubles none: the next process to open the store commits the journal once, even
 when several open it at the same moment.
 
-The kill lands exactly in the gap: `[store] settle_delay_ms` keeps each group waiting for a
-minute, so every answer has been received, and its settlement is in the journal and not
-in the database, when SIGKILL arrives.
+The kill lands exactly in the gap: `[store] settle_delay_ms` lets each group wait a minute
+for a quiet moment (the next request the gateway sends upstream), and the upstream holds
+every answer back until all the requests have gone upstream, so every answer has been
+received, and its settlement is in the journal and not in the database, when SIGKILL
+arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -38,7 +41,8 @@ pytestmark = pytest.mark.anyio
 
 FUNDS = 10_000_000
 REQUESTS = 12
-WINDOW_MS = 60_000  # a group waits this long for company: the kill always lands first
+WINDOW_MS = 60_000  # the longest a group waits for a quiet moment: the kill always lands first
+ALL_SENT_S = 1.0  # the upstream's first byte waits this long: every request has gone upstream by then
 
 
 def settlement(n: int, **changes: Any) -> Settlement:
@@ -140,7 +144,8 @@ async def test_sigkill_between_answer_and_commit_loses_nothing_and_doubles_nothi
             async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0) as client:
                 replies = await asyncio.gather(*(
                     client.chat.completions.create(
-                        model="quota/sonnet", messages=[{"role": "user", "content": f"question {n}"}], max_tokens=20
+                        model="quota/sonnet", messages=[{"role": "user", "content": f"question {n}"}], max_tokens=20,
+                        extra_body={"fake": {"first_byte_delay_s": ALL_SENT_S}},
                     )
                     for n in range(REQUESTS)
                 ))  # fmt: skip
@@ -178,3 +183,41 @@ async def test_sigkill_between_answer_and_commit_loses_nothing_and_doubles_nothi
         async with gateway(config, key, db):
             pass
         assert await books(config) == after
+
+
+async def test_a_group_commits_when_the_gateway_next_sends_a_request_upstream(tmp_path: Path) -> None:
+    """`settle_delay_ms` is only the longest wait: while the gateway waits on an upstream
+    its loop is idle, and the settlements waiting for a group commit then."""
+    async with run_fake_upstream() as upstream:
+        config, db = tmp_path / "q.toml", tmp_path / "q.db"
+        store = {"path": str(db), "journal": str(tmp_path / "journal"), "settle_delay_ms": WINDOW_MS}
+        config.write_text(config_toml(upstream.base_url, db, store=store))
+        run_cli("--config", str(config), "accounts", "create", "acme", "--quota-tokens", str(FUNDS))
+        created = run_cli(
+            "--config", str(config), "keys", "create", "--account", "acme", "--kind", "live", "--json"
+        )
+        key = str(orjson.loads(created.stdout)["key"])
+
+        def committed() -> int:
+            with contextlib.closing(sqlite3.connect(db)) as raw:
+                return int(raw.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+        async def committed_reaches(count: int) -> int:
+            with anyio.move_on_after(10):
+                while committed() < count:
+                    await anyio.sleep(0.01)
+            return committed()
+
+        seen = []
+        async with gateway(config, key, db) as served:
+            async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0) as client:
+                for n in range(3):
+                    await client.chat.completions.create(
+                        model="quota/sonnet", messages=[{"role": "user", "content": f"q{n}"}], max_tokens=5
+                    )
+                    # Each request's own settlement waits (a minute at most); the one before
+                    # it committed as this one went upstream.
+                    seen.append(await committed_reaches(n))
+            await anyio.sleep(0.2)
+            seen.append(committed())
+        assert seen == [0, 1, 2, 2]

@@ -216,6 +216,22 @@ async def test_concurrency_limit_counts_requests_in_flight(gateway: GatewayHarne
     await gateway.verify()
 
 
+async def test_limits_count_a_finished_request_as_finished_while_its_settlement_waits(make_gateway: Any) -> None:
+    """Settlements wait for a quiet moment (here up to a minute) before they commit; a key
+    with a concurrency or tokens-per-minute limit commits them first, so the answer it
+    already has is neither in flight nor missing from its minute."""
+    gateway = await make_gateway(store={"settle_delay_ms": 60_000})
+    http = gateway.http()
+    _, one_at_a_time = await funded(gateway, max_concurrent=1)
+    for _ in range(3):
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=one_at_a_time)).status_code == 200
+    key = await gateway.key("acme", tpm=10)
+    by_tokens = {"authorization": f"Bearer {key}"}
+    assert (await http.post("/v1/chat/completions", json=chat(), headers=by_tokens)).status_code == 200
+    assert (await http.post("/v1/chat/completions", json=chat(), headers=by_tokens)).status_code == 429
+    await gateway.verify()
+
+
 async def test_fallback_to_the_second_upstream_when_the_first_refuses(
     make_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

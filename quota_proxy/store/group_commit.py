@@ -3,9 +3,10 @@
 A request's settlement used to be one commit awaited before the caller got the end of the
 answer. Now `SettlementWriter.submit` appends it to this process's journal (one write(2),
 no fsync: it survives the process, as a `synchronous = NORMAL` commit does) and returns;
-a background task commits everything submitted meanwhile in one transaction. The hold
-stays atomic and committed before the request is forwarded, so the balance is never
-promised twice; only the charge that replaces the hold is late, by one loop turn.
+a background task commits everything submitted meanwhile in one transaction, at the next
+quiet moment: when the process next waits on an upstream, at most `settle_delay_ms` later.
+The hold stays atomic and committed before the request is forwarded, so the balance is
+never promised twice; only the charge that replaces the hold is late, by that much.
 
 The journal makes the gap safe. It is a folder of segment files, each held under flock(2)
 by the process appending to it. A segment is deleted once everything in it has committed
@@ -170,8 +171,10 @@ def _remove_if_unlocked(path: Path) -> None:
 class SettlementWriter:
     """Commits journaled settlements in groups, in the order they were submitted.
 
-    `delay_s` lets a group wait that long for company (0: whatever arrived by the next loop
-    turn); a reader's drain() cuts the wait short.
+    A group waits for a quiet moment, at most `delay_s` (0: it commits at the next loop
+    turn): `quiet()` says the process has just sent a request upstream and waits for its
+    answer, so the commit runs while the loop would otherwise be idle instead of in front
+    of the next caller's request. A reader's drain() cuts the wait short too.
     """
 
     def __init__(self, journal: SettlementJournal, commit: Commit, delay_s: float = 0.0) -> None:
@@ -183,7 +186,8 @@ class SettlementWriter:
         self._committed = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
-        self._hurry: asyncio.Event | None = None
+        self._hurried = False  # a reader waits: commit without waiting for a quiet moment
+        self._moment: asyncio.Future[None] | None = None  # the wait for one, while it lasts
         self._task: asyncio.Task[None] | None = None
         self.stalled = False  # the last commit found the store unavailable; retrying
 
@@ -192,7 +196,7 @@ class SettlementWriter:
         return self._committed < self._submitted
 
     def start(self) -> None:
-        self._wake, self._hurry = asyncio.Event(), asyncio.Event()
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="settlement-writer")
 
     def submit(self, s: Settlement) -> None:
@@ -213,9 +217,15 @@ class SettlementWriter:
             raise RuntimeError("the settlement writer stopped with settlements pending")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((self._submitted, waiter))
-        assert self._hurry is not None
-        self._hurry.set()
+        self._hurried = True
+        self.quiet()
         await asyncio.shield(waiter)
+
+    def quiet(self) -> None:
+        """Now is a good moment for the group waiting to commit (this process has just sent
+        a request upstream, or a reader needs the group)."""
+        if self._moment is not None:
+            _resolve(self._moment)
 
     def _stall(self, stalled: bool) -> None:
         self.stalled = stalled
@@ -260,14 +270,13 @@ class SettlementWriter:
         return count
 
     async def _run(self) -> None:
-        assert self._wake is not None and self._hurry is not None
+        assert self._wake is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.delay_s and not self._hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), self.delay_s)
-            self._hurry.clear()
+            if self.delay_s and not self._hurried:
+                await self._quiet_moment()
+            self._hurried = False
             batch, self._pending = self._pending, []
             try:
                 await self._commit_retrying(batch)
@@ -278,6 +287,17 @@ class SettlementWriter:
             if not self._pending:
                 self.journal.all_committed()
             self._wake_waiters()
+
+    async def _quiet_moment(self) -> None:
+        """Until quiet() is called, or delay_s has passed."""
+        loop = asyncio.get_running_loop()
+        self._moment = moment = loop.create_future()
+        timer = loop.call_later(self.delay_s, _resolve, moment)
+        try:
+            await moment
+        finally:
+            timer.cancel()
+            self._moment = None
 
     def _wake_waiters(self) -> None:
         keep = []
@@ -315,3 +335,8 @@ class SettlementWriter:
                 for one in batch:
                     await self._commit_retrying([one], attempts)
                 return
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

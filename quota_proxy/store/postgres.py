@@ -653,6 +653,12 @@ class PostgresStore:
         """Journal the settlement now and commit it with the next group (store/group_commit.py)."""
         self.settlements.submit(s)
 
+    async def commit_pending(self) -> None:
+        await self.settlements.drain()
+
+    def quiet(self) -> None:
+        self.settlements.quiet()
+
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
         """The group in one transaction (executemany: pipelined, about one round trip), its
         rows in lock order (_lock_order), so two gateways' groups never deadlock."""

@@ -157,6 +157,14 @@ class Store(Protocol):
         group (store/group_commit.py), seen by every read of this store after it, and
         committed by the next process to open the store if this one dies first."""
 
+    async def commit_pending(self) -> None:
+        """Return once this process's pending settlements have committed (the hot path's
+        limits that count finished requests need them; reads wait for them anyway)."""
+
+    def quiet(self) -> None:
+        """A hint: this process has just sent a request upstream and waits for the answer,
+        so work held back for such a moment (the next settlement group) may run now."""
+
     async def release_hold(self, hold_id: int) -> None: ...
 
     async def refresh_holds(self, owner: str, ttl_ms: int) -> None:

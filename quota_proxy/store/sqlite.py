@@ -664,6 +664,12 @@ class SqliteStore(DashboardQueries):
         """Journal the settlement now and commit it with the next group (store/group_commit.py)."""
         self.settlements.submit(s)
 
+    async def commit_pending(self) -> None:
+        await self.settlements.drain()
+
+    def quiet(self) -> None:
+        self.settlements.quiet()
+
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
         """One multi-row INSERT per 500 settlements: one statement, so one transaction and
         one WAL commit, run whole on the connection's thread (nothing interleaves)."""

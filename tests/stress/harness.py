@@ -140,7 +140,8 @@ def write_config(
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}"]
     lines += [f"{k} = {_toml(v)}" for k, v in (server or {}).items()]
     store_line = f"url = {_toml(store_url)}\npool_size = 4" if store_url else f"path = {_toml(str(store))}"
-    lines += ["[store]", store_line, "[billing]"]
+    # The checks read the store the moment an answer arrives: groups commit at once.
+    lines += ["[store]", store_line, "settle_delay_ms = 0", "[billing]"]
     lines += [f"{k} = {_toml(v)}" for k, v in (billing or {}).items()]
     for up in upstreams:
         lines += [f"[upstreams.{up.name}]", f"base_url = {_toml(up.base_url)}",
