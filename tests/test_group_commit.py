@@ -185,29 +185,35 @@ async def test_sigkill_between_answer_and_commit_loses_nothing_and_doubles_nothi
         assert await books(config) == after
 
 
+def committed(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        return int(raw.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+
+async def committed_reaches(db: Path, count: int) -> int:
+    """The committed settlements once there are `count` (or after 10 s)."""
+    with anyio.move_on_after(10):
+        while committed(db) < count:
+            await anyio.sleep(0.01)
+    return committed(db)
+
+
+def configured(tmp_path: Path, upstream_url: str, settle_delay_ms: int) -> tuple[Path, Path, str]:
+    config, db = tmp_path / "q.toml", tmp_path / "q.db"
+    store = {"path": str(db), "journal": str(tmp_path / "journal"), "settle_delay_ms": settle_delay_ms}
+    config.write_text(config_toml(upstream_url, db, store=store))
+    run_cli("--config", str(config), "accounts", "create", "acme", "--quota-tokens", str(FUNDS))
+    created = run_cli(
+        "--config", str(config), "keys", "create", "--account", "acme", "--kind", "live", "--json"
+    )
+    return config, db, str(orjson.loads(created.stdout)["key"])
+
+
 async def test_a_group_commits_when_the_gateway_next_sends_a_request_upstream(tmp_path: Path) -> None:
     """`settle_delay_ms` is only the longest wait: while the gateway waits on an upstream
     its loop is idle, and the settlements waiting for a group commit then."""
     async with run_fake_upstream() as upstream:
-        config, db = tmp_path / "q.toml", tmp_path / "q.db"
-        store = {"path": str(db), "journal": str(tmp_path / "journal"), "settle_delay_ms": WINDOW_MS}
-        config.write_text(config_toml(upstream.base_url, db, store=store))
-        run_cli("--config", str(config), "accounts", "create", "acme", "--quota-tokens", str(FUNDS))
-        created = run_cli(
-            "--config", str(config), "keys", "create", "--account", "acme", "--kind", "live", "--json"
-        )
-        key = str(orjson.loads(created.stdout)["key"])
-
-        def committed() -> int:
-            with contextlib.closing(sqlite3.connect(db)) as raw:
-                return int(raw.execute("SELECT count(*) FROM requests").fetchone()[0])
-
-        async def committed_reaches(count: int) -> int:
-            with anyio.move_on_after(10):
-                while committed() < count:
-                    await anyio.sleep(0.01)
-            return committed()
-
+        config, db, key = configured(tmp_path, upstream.base_url, WINDOW_MS)
         seen = []
         async with gateway(config, key, db) as served:
             async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0) as client:
@@ -217,7 +223,19 @@ async def test_a_group_commits_when_the_gateway_next_sends_a_request_upstream(tm
                     )
                     # Each request's own settlement waits (a minute at most); the one before
                     # it committed as this one went upstream.
-                    seen.append(await committed_reaches(n))
+                    seen.append(await committed_reaches(db, n))
             await anyio.sleep(0.2)
-            seen.append(committed())
+            seen.append(committed(db))
         assert seen == [0, 1, 2, 2]
+
+
+async def test_a_group_with_no_quiet_moment_commits_after_settle_delay_ms(tmp_path: Path) -> None:
+    async with run_fake_upstream() as upstream:
+        config, db, key = configured(tmp_path, upstream.base_url, 20)
+        async with gateway(config, key, db) as served:
+            async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0) as client:
+                await client.chat.completions.create(
+                    model="quota/sonnet", messages=[{"role": "user", "content": "alone"}], max_tokens=5
+                )
+            # No request follows: the timer commits it.
+            assert await committed_reaches(db, 1) == 1
