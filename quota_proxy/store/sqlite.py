@@ -59,6 +59,7 @@ from quota_proxy.store.records import (
     now_ms,
     request_row,
 )
+from quota_proxy.store.writeback import Writeback
 
 logger = logging.getLogger("quota_proxy.store")
 
@@ -77,24 +78,28 @@ LATEST_VERSION = max(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
 # No connection checkpoints inside a commit (SQLite's default does, every 1,000 WAL pages:
 # a ~13 ms stall on one request in ~50); `_checkpointer` does, on this timer, from a worker
-# thread. Each checkpoint ends in an fdatasync of the database file, which on the benchmark machine's
-# virtual disk took 18-145 ms (strace) and held up every write to the filesystem meanwhile:
-# the few requests writing then waited that long (the c=1 p99 tail). Few checkpoints, each
-# a few stalled requests, keep that tail rare; every second, because the WAL's restart
-# (below) needs a moment with no reader, and a 5 s timer found none often enough (the WAL
-# grew to 580 MB in 15 s of load).
+# thread. A checkpoint starts with an fsync of the WAL; a hot-path write landing on the WAL
+# meanwhile waits for it in the kernel (10-100 ms on the benchmark machines' virtual disks).
+# `_write_back_wal` keeps that fsync short; the hot path goes through the connection's
+# thread while a checkpoint runs. Every second, because the WAL's restart (below) needs a
+# moment with no reader, and a 5 s timer found none often enough (the WAL grew to 580 MB in
+# 15 s of load).
 CHECKPOINT_INTERVAL_S = 1.0
 # A passive checkpoint never waits, so under steady writes it never finds the WAL wholly
 # copied, and SQLite restarts the WAL from its start only then: left alone the file grows
-# without bound (800 MB in 15 s of load, measured). Past this many frames (~64 MB) the timer
-# repeats passive rounds until few frames are left to copy, then runs a RESTART. The RESTART
-# holds writers back for 15-30 ms on the benchmark machine's disk (a hot-path write waits,
-# retrying on the loop), so it is kept rare: about once per 15,000 request-sized writes.
-WAL_RESTART_FRAMES = 16_000
+# without bound (800 MB in 15 s of load, measured). Past this size the timer repeats
+# passive rounds until few frames are left to copy, then runs a RESTART, which holds every
+# writer back while it syncs (3-15 ms): this process's hot writes wait for it on an event
+# (`_restart_gate`) rather than in SQLite's busy handler. Past WAL_TRIM_BYTES (readers kept
+# it from restarting for a while) the restart is a TRUNCATE, which also cuts the file.
+# Otherwise the file keeps its largest size until the store closes: cutting it on every
+# restart (journal_size_limit) made the next request's commit wait 20-30 ms for ftruncate.
+WAL_RESTART_BYTES = 64 << 20
+WAL_TRIM_BYTES = 256 << 20
 WAL_RESTART_LEFT = 200
 RESTART_WAIT_MS = 200
-WAL_KEEP_BYTES = 64 << 20  # a restarted WAL file is cut back to this
 PASSIVE_ROUNDS = 8
+WAL_WRITEBACK_INTERVAL_S = 0.02  # how often, at most, the WAL's write-out is started
 HOT_RETRY_FIRST_S = 0.0005  # a busy hot-path write retries on the loop after 0.5, 1, 2, … ms,
 HOT_RETRY_LAST_S = 0.016  # then goes to the connection's thread, which waits for the lock
 SETTLE_ROWS_PER_STATEMENT = 500  # 22 values a row, under SQLite's 32,766 variables
@@ -168,8 +173,14 @@ class SqliteStore(DashboardQueries):
         self._checkpointer: sqlite3.Connection | None = None  # used from worker threads only
         self._checkpoint_lock = asyncio.Lock()
         self._checkpointing = False  # hot writes go through the thread meanwhile (see _hot_write)
+        self._restart_gate: asyncio.Event | None = None  # hot writes wait for a WAL restart
         self._inline: sqlite3.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._wal = self.path.with_name(self.path.name + "-wal")
+        self._wal_frame_bytes = 4096 + 24  # read from the file at open
+        self._wal_writeback = Writeback(self._wal)
+        self._wal_written = asyncio.Event()
+        self._writebacks: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
         self.settlements = SettlementWriter(
             SettlementJournal(journal or self.path.with_name(self.path.name + "-settlements")),
@@ -189,8 +200,11 @@ class SqliteStore(DashboardQueries):
         # busy_timeout = 0 on both: the hot path falls back to the thread when the file is
         # busy, and the checkpointer never sleeps in SQLite's busy handler holding the lock.
         self._inline = _connect_hot(self.path)
+        self._wal_frame_bytes = self._inline.execute("PRAGMA page_size").fetchone()[0] + 24
         self._checkpointer = _connect_hot(self.path)
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_periodically())
+        if self._wal_writeback.supported:
+            self._writebacks = asyncio.get_running_loop().create_task(self._write_back_wal())
         self.settlements.start()
         await self.settlements.recover()
 
@@ -200,11 +214,13 @@ class SqliteStore(DashboardQueries):
 
     async def close(self) -> None:
         await self.settlements.close()
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoints
-            self._checkpoints = None
+        for task in (self._checkpoints, self._writebacks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._checkpoints = self._writebacks = None
+        self._wal_writeback.close()
         with contextlib.suppress(sqlite3.Error, StoreError):
             await self.sync()
         for conn in (self._db, self._tx):
@@ -220,39 +236,64 @@ class SqliteStore(DashboardQueries):
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             try:
-                await self._checkpoint(restart_past=WAL_RESTART_FRAMES)
+                await self._checkpoint(restart=True)
             except sqlite3.Error as exc:  # briefly locked: the next round catches up
                 logger.debug("checkpoint skipped: %s", exc)
 
-    async def _checkpoint(self, restart_past: int | None = None) -> tuple[int, int]:
-        """A passive checkpoint on a worker thread; past `restart_past` WAL frames, passive
-        rounds until few frames are left, then a RESTART, all in that one thread call."""
+    async def _write_back_wal(self) -> None:
+        """After hot-path writes, start the WAL's write-out (store/writeback.py), at most
+        once per WAL_WRITEBACK_INTERVAL_S, so a checkpoint's fsync finds little to write."""
+        while True:
+            await self._wal_written.wait()
+            self._wal_written.clear()
+            await anyio.to_thread.run_sync(self._wal_writeback.start)
+            await asyncio.sleep(WAL_WRITEBACK_INTERVAL_S)
+
+    async def _checkpoint(self, *, restart: bool = False) -> tuple[int, int]:
+        """A passive checkpoint on a worker thread. With `restart`, past WAL_RESTART_BYTES:
+        passive rounds until few frames are left, then a RESTART (or a TRUNCATE, past
+        WAL_TRIM_BYTES) while this process's hot writes wait at `_restart_gate`.
+        Returns the WAL's frames and how many of them are in the database file."""
         conn = self._checkpointer
         if conn is None:
             raise StoreError("the store is not open")
+        wal, frame_bytes = self._wal, self._wal_frame_bytes
 
-        def run() -> tuple[int, int]:
+        def passive() -> tuple[int, int]:
             _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if restart_past is None or frames <= restart_past:
+            if not restart or frames * frame_bytes <= WAL_RESTART_BYTES:
                 return int(frames), int(copied)
             for _ in range(PASSIVE_ROUNDS):
                 if frames - copied <= WAL_RESTART_LEFT:
                     break
                 _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames > 4 * WAL_RESTART_FRAMES:  # far behind: wait for readers (briefly) this time
+            return int(frames), int(copied)
+
+        def restart_wal(frames: int) -> tuple[int, int]:
+            if frames * frame_bytes > 4 * WAL_RESTART_BYTES:  # far behind: wait for readers (briefly) this time
                 conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+            mode = "TRUNCATE" if wal.stat().st_size > WAL_TRIM_BYTES else "RESTART"
             try:
-                _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                _busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             finally:
                 conn.execute("PRAGMA busy_timeout = 0")
             return int(frames), int(copied)
 
         async with self._checkpoint_lock:
             self._checkpointing = True
+            gate = None
             try:
-                return await anyio.to_thread.run_sync(run)
+                frames, copied = await anyio.to_thread.run_sync(passive)
+                if not restart or frames * frame_bytes <= WAL_RESTART_BYTES:
+                    return frames, copied
+                gate = self._restart_gate = asyncio.Event()
+                await self.db.execute("SELECT 1")  # the connection's thread has run every hot write sent to it
+                return await anyio.to_thread.run_sync(restart_wal, frames)
             finally:
                 self._checkpointing = False
+                if gate is not None:
+                    self._restart_gate = None
+                    gate.set()
 
     async def __aenter__(self) -> SqliteStore:
         await self.open()
@@ -298,7 +339,10 @@ class SqliteStore(DashboardQueries):
         for the hand-off to the connection's thread and back), else through that thread,
         which waits for the lock. Nothing of a statement refused as busy was applied."""
         # While a checkpoint syncs, a write(2) may wait for it in the kernel: not on the loop.
+        while self._restart_gate is not None:
+            await self._restart_gate.wait()
         inline = None if self._checkpointing else self._inline
+        self._wal_written.set()
         pause = HOT_RETRY_FIRST_S
         while inline is not None and pause <= HOT_RETRY_LAST_S:
             try:
@@ -898,7 +942,6 @@ def _marks(rows: int) -> str:
 def _connect_hot(path: Path) -> sqlite3.Connection:
     """A plain connection for the event loop's writes or the checkpointer's thread."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in ("busy_timeout = 0", "synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0",
-                   f"journal_size_limit = {WAL_KEEP_BYTES}"):
+    for pragma in ("busy_timeout = 0", "synchronous = NORMAL", "foreign_keys = ON", "wal_autocheckpoint = 0"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
