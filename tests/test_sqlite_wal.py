@@ -1,10 +1,11 @@
-"""How the SQLite store keeps its WAL off the request path, on real files: the WAL restart
-that hot writes wait for on an event, the file cut back only when it grew past the trim
-size, and the kernel write-out started between checkpoints."""
+"""How the SQLite store keeps its WAL off the request path, on real files: small pages for
+a new store, the WAL restart that hot writes wait for on an event, the file cut back only
+when it grew past the trim size, and the kernel write-out started between checkpoints."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -53,6 +54,34 @@ def wal_salt(store: SqliteStore) -> bytes:
     """The WAL header's salts, which SQLite changes each time it writes the WAL from its start."""
     with open(store.path.with_name(store.path.name + "-wal"), "rb") as wal:
         return wal.read(24)[16:24]
+
+
+def page_size(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_new_store_has_small_pages_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "new.db") as new:
+        await charge(new, await funded(new))
+    assert page_size(tmp_path / "new.db") == sqlite_store.PAGE_SIZE == 1024
+
+    old = tmp_path / "old.db"  # a file made with SQLite's default pages before this store opened it
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE made_elsewhere (x)")
+    conn.close()
+    async with SqliteStore(old) as store:
+        account = await funded(store)
+        await charge(store, account)
+        assert await store.verify_ledger() == []
+        fresh = await store.account(account.id)
+        assert fresh is not None and (fresh.balance, fresh.held) == (10_000_000 - 30, 0)
+    assert page_size(old) == 4096
 
 
 async def test_hot_writes_wait_at_the_restart_gate_and_go_on_when_it_opens(store: SqliteStore) -> None:
