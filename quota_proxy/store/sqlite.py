@@ -85,9 +85,8 @@ PAGE_SIZE = 1024
 # No connection checkpoints inside a commit (SQLite's default does, every 1,000 WAL pages:
 # a ~13 ms stall on one request in ~50); `_checkpointer` does, on this timer, from a worker
 # thread. A checkpoint starts with an fsync of the WAL; a hot-path write landing on the WAL
-# meanwhile waits for it in the kernel (10-100 ms on the benchmark machines' virtual disks).
-# `_write_back_wal` keeps that fsync short; the hot path goes through the connection's
-# thread while a checkpoint runs. Every second, because the WAL's restart (below) needs a
+# meanwhile may wait for it in the kernel (10-100 ms on the benchmark machines' virtual
+# disks); `_write_back_wal` keeps that fsync short, which made such waits rare. Every second, because the WAL's restart (below) needs a
 # moment with no reader, and a 5 s timer found none often enough (the WAL grew to 580 MB in
 # 15 s of load).
 CHECKPOINT_INTERVAL_S = 1.0
@@ -179,7 +178,6 @@ class SqliteStore(DashboardQueries):
         self._tx: aiosqlite.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None  # used from worker threads only
         self._checkpoint_lock = asyncio.Lock()
-        self._checkpointing = False  # hot writes go through the thread meanwhile (see _hot_write)
         self._restart_gate: asyncio.Event | None = None  # hot writes wait for a WAL restart
         self._inline: sqlite3.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
@@ -287,7 +285,6 @@ class SqliteStore(DashboardQueries):
             return int(frames), int(copied)
 
         async with self._checkpoint_lock:
-            self._checkpointing = True
             gate = None
             try:
                 frames, copied = await anyio.to_thread.run_sync(passive)
@@ -297,7 +294,6 @@ class SqliteStore(DashboardQueries):
                 await self.db.execute("SELECT 1")  # the connection's thread has run every hot write sent to it
                 return await anyio.to_thread.run_sync(restart_wal, frames)
             finally:
-                self._checkpointing = False
                 if gate is not None:
                     self._restart_gate = None
                     gate.set()
@@ -345,10 +341,11 @@ class SqliteStore(DashboardQueries):
         write lock is free (one statement of tens of microseconds, against ~50 us of CPU
         for the hand-off to the connection's thread and back), else through that thread,
         which waits for the lock. Nothing of a statement refused as busy was applied."""
-        # While a checkpoint syncs, a write(2) may wait for it in the kernel: not on the loop.
+        # Inline while a passive checkpoint runs too: through the thread, a write waited for
+        # the whole checkpoint (10-25 ms, every second); on the loop one in ~10 s waited.
         while self._restart_gate is not None:
             await self._restart_gate.wait()
-        inline = None if self._checkpointing else self._inline
+        inline = self._inline
         self._wal_written.set()
         pause = HOT_RETRY_FIRST_S
         while inline is not None and pause <= HOT_RETRY_LAST_S:
