@@ -86,9 +86,9 @@ PAGE_SIZE = 1024
 # a ~13 ms stall on one request in ~50); `_checkpointer` does, on this timer, from a worker
 # thread. A checkpoint starts with an fsync of the WAL; a hot-path write landing on the WAL
 # meanwhile may wait for it in the kernel (10-100 ms on the benchmark machines' virtual
-# disks); `_write_back_wal` keeps that fsync short, which made such waits rare. Every second, because the WAL's restart (below) needs a
-# moment with no reader, and a 5 s timer found none often enough (the WAL grew to 580 MB in
-# 15 s of load).
+# disks); `_write_back_wal` keeps that fsync short, which made such waits rare. Every
+# second, because the WAL's restart (below) needs a moment with no reader, and a 5 s timer
+# found none often enough (the WAL grew to 580 MB in 15 s of load).
 CHECKPOINT_INTERVAL_S = 1.0
 # A passive checkpoint never waits, so under steady writes it never finds the WAL wholly
 # copied, and SQLite restarts the WAL from its start only then: left alone the file grows

@@ -2,7 +2,7 @@
 
 Why: a checkpoint begins with an fsync of the WAL, which writes out every frame since the
 last one (a second of traffic). While that runs, a request's write to the WAL waits for
-it in the kernel: 10-100 ms on a virtual disk, the whole of the c=1 p99 tail
+it in the kernel: 10-100 ms on a virtual disk, most of the c=1 p99 tail
 (bench/RESULTS.md). Starting the write-out every few milliseconds leaves that fsync little
 to do. Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)` does exactly this and returns at
 once; elsewhere (no such call) nothing is done and the fsync does it all, as before.
@@ -11,7 +11,7 @@ once; elsewhere (no such call) nothing is done and the fsync does it all, as bef
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +19,11 @@ from pathlib import Path
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library the process runs on
+    except (OSError, AttributeError, TypeError):  # no such call here (macOS, Windows)
         return None
     call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     call.restype = ctypes.c_int
