@@ -71,6 +71,7 @@ class Gateway:
         self.routes = routes = RouteTable(self.live)
         keys = KeyCache(self.store)
         metrics = Metrics()
+        self.store.observe_settlement_groups(metrics.observe_settlement_group)
         self.services = Services(self.live, self.store, routes, keys, metrics)
         proxy = UpstreamProxy(self.http_client, self.store.quiet)
         self.metering = inference = MeteringMiddleware(proxy, self.store, self.live, routes, self.keeper)

@@ -16,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 500)
 
 
 class Metrics:
@@ -64,6 +65,15 @@ class Metrics:
             ["op"],
             buckets=STORE_BUCKETS, registry=r,
         )
+        self.settlement_commit = Histogram(
+            "quota_settlement_commit_seconds",
+            "One settlement group's commit, off the request path (an outage's retries included).",
+            buckets=STORE_BUCKETS, registry=r,
+        )
+        self.settlement_group = Histogram(
+            "quota_settlement_group_size", "Settlements committed together in one group.",
+            buckets=GROUP_BUCKETS, registry=r,
+        )
 
     def observe(self, log: dict[str, Any]) -> None:
         route = log.get("route", "")
@@ -98,6 +108,10 @@ class Metrics:
             tokens_in.inc(log["input_tokens"])
             tokens_out.inc(log["output_tokens"])
             charged.inc(log["charged"])
+
+    def observe_settlement_group(self, settlements: int, seconds: float) -> None:
+        self.settlement_group.observe(settlements)
+        self.settlement_commit.observe(seconds)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """A labelled child, looked up in prometheus-client once per label set."""

@@ -58,6 +58,7 @@ async def test_metrics_move_with_requests(gateway: GatewayHarness) -> None:
         "/v1/chat/completions", json=chat(model="quota/down"), headers=auth
     )
     assert refused.status_code == 502
+    await http.get("/v1/me", headers=auth)  # a read: this process's settlement groups commit first
     response = await http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -76,6 +77,9 @@ async def test_metrics_move_with_requests(gateway: GatewayHarness) -> None:
     assert delta("quota_request_duration_seconds_count", route="quota/fast") == 1
     assert delta("quota_upstream_duration_seconds_count", route="quota/fast", upstream="fake") == 1
     assert delta("quota_store_duration_seconds_count", op="hold") >= 1
+    # both requests were settled (the 502 charged nothing), in one group or two
+    assert delta("quota_settlement_group_size_sum") == 2
+    assert 1 <= delta("quota_settlement_commit_seconds_count") == delta("quota_settlement_group_size_count") <= 2
     assert after[("quota_holds_open", ())] == 0
 
 

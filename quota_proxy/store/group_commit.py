@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ RETRY_MAX_S = 2.0
 CLOSE_TIMEOUT_S = 10.0
 
 Commit = Callable[[Sequence[Settlement]], Awaitable[None]]
+GroupObserver = Callable[[int, float], None]  # (settlements in the group, seconds its commit took)
 
 
 def encode(s: Settlement) -> bytes:
@@ -190,6 +192,7 @@ class SettlementWriter:
         self._moment: asyncio.Future[None] | None = None  # the wait for one, while it lasts
         self._task: asyncio.Task[None] | None = None
         self.stalled = False  # the last commit found the store unavailable; retrying
+        self.observe: GroupObserver | None = None  # told of each group once it has committed
 
     @property
     def pending(self) -> bool:
@@ -278,11 +281,14 @@ class SettlementWriter:
                 await self._quiet_moment()
             self._hurried = False
             batch, self._pending = self._pending, []
+            started = time.perf_counter()
             try:
                 await self._commit_retrying(batch)
             except asyncio.CancelledError:
                 self._pending[:0] = batch  # close() keeps them journaled for the next start
                 raise
+            if self.observe is not None:
+                self.observe(len(batch), time.perf_counter() - started)
             self._committed += len(batch)
             if not self._pending:
                 self.journal.all_committed()

@@ -30,7 +30,7 @@ import orjson
 from quota_proxy.keys import new_id, new_ledger_id
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
 from quota_proxy.store.dashboard_postgres import DASHBOARD_METHODS, PostgresDashboardQueries
-from quota_proxy.store.group_commit import SettlementJournal, SettlementWriter
+from quota_proxy.store.group_commit import GroupObserver, SettlementJournal, SettlementWriter
 from quota_proxy.store.models import (
     Account,
     IdempotencyMismatch,
@@ -658,6 +658,9 @@ class PostgresStore:
 
     def quiet(self) -> None:
         self.settlements.quiet()
+
+    def observe_settlement_groups(self, observe: GroupObserver) -> None:
+        self.settlements.observe = observe
 
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
         """The group in one transaction (executemany: pipelined, about one round trip), its

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
 from quota_proxy.store.dashboard_models import UsageGroup, UsageLine
+from quota_proxy.store.group_commit import GroupObserver
 from quota_proxy.store.models import (
     Account,
     KeyRecord,
@@ -164,6 +165,9 @@ class Store(Protocol):
     def quiet(self) -> None:
         """A hint: this process has just sent a request upstream and waits for the answer,
         so work held back for such a moment (the next settlement group) may run now."""
+
+    def observe_settlement_groups(self, observe: GroupObserver) -> None:
+        """Call observe(settlements, seconds) after each group commits (the gateway's metrics)."""
 
     async def release_hold(self, hold_id: int) -> None: ...
 

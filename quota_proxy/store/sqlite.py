@@ -30,7 +30,7 @@ import orjson
 
 from quota_proxy.keys import new_id, new_ledger_id
 from quota_proxy.store.dashboard_sqlite import DashboardQueries
-from quota_proxy.store.group_commit import SettlementJournal, SettlementWriter
+from quota_proxy.store.group_commit import GroupObserver, SettlementJournal, SettlementWriter
 from quota_proxy.store.models import (
     Account,
     IdempotencyMismatch,
@@ -717,6 +717,9 @@ class SqliteStore(DashboardQueries):
 
     def quiet(self) -> None:
         self.settlements.quiet()
+
+    def observe_settlement_groups(self, observe: GroupObserver) -> None:
+        self.settlements.observe = observe
 
     async def _settle_group(self, batch: Sequence[Settlement]) -> None:
         """One multi-row INSERT per 500 settlements: one statement, so one transaction and
