@@ -264,9 +264,12 @@ class SqliteStore(DashboardQueries):
             raise StoreError("the store is not open")
         wal, frame_bytes = self._wal, self._wal_frame_bytes
 
+        def due(frames: int) -> bool:
+            return restart and frames * frame_bytes > WAL_RESTART_BYTES
+
         def passive() -> tuple[int, int]:
             _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if not restart or frames * frame_bytes <= WAL_RESTART_BYTES:
+            if not due(frames):
                 return int(frames), int(copied)
             for _ in range(PASSIVE_ROUNDS):
                 if frames - copied <= WAL_RESTART_LEFT:
@@ -288,7 +291,7 @@ class SqliteStore(DashboardQueries):
             gate = None
             try:
                 frames, copied = await anyio.to_thread.run_sync(passive)
-                if not restart or frames * frame_bytes <= WAL_RESTART_BYTES:
+                if not due(frames):
                     return frames, copied
                 gate = self._restart_gate = asyncio.Event()
                 await self.db.execute("SELECT 1")  # the connection's thread has run every hot write sent to it
