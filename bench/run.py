@@ -3,6 +3,7 @@
     python bench/run.py                  # full run (~6 min on 2 cores; ~10 min with LiteLLM)
     python bench/run.py --quick          # smoke run, a few seconds, same checks
     python bench/run.py --with-litellm   # also LiteLLM proxy (own venv, installed on first use)
+    python bench/run.py --baseline DIR   # also quota-proxy from DIR (git worktree add DIR <commit>)
 
 It starts the mock upstream (bench/mock_upstream.py) and quota-proxy in front of it (one
 worker, metering and SQLite settlement on, default logging), and for each scenario runs
@@ -477,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, store)")
     p.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before each "
                    "run (default 10; quick 0): other processes' CPU would skew the figures")
+    p.add_argument("--baseline", type=Path, metavar="SOURCE",
+                   help="also measure quota-proxy run from another source tree (a `git worktree` "
+                        "of an earlier commit) as target 'baseline': an A/B in the same rounds")
     p.add_argument("--from-json", type=Path, metavar="RESULTS",
                    help="measure nothing: re-summarise and print a saved results file")
     args = p.parse_args(argv)
@@ -518,6 +522,16 @@ def main(argv: list[str] | None = None) -> int:
             gw_log = workdir / "quota-proxy.log"
             gateway = stack.enter_context(services.quota_proxy(config, key, port, gw_log, args.log_level))
             targets: list[Target] = [mock, gateway]
+            stores = {gateway.name: (config, store)}
+            if args.baseline:
+                base_dir = workdir / "baseline"
+                base_dir.mkdir()
+                base_config, base_key, base_port = services.prepare_quota_proxy(
+                    base_dir, mock.port, source=args.baseline)
+                targets.append(stack.enter_context(services.quota_proxy(
+                    base_config, base_key, base_port, base_dir / "quota-proxy.log", args.log_level,
+                    source=args.baseline, name="baseline")))
+                stores["baseline"] = (base_config, base_dir / "quota.db")
             if args.with_litellm:
                 targets.append(stack.enter_context(services.litellm(workdir, mock.port)))
             time.sleep(0.5)
@@ -543,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                     order = targets if rnd % 2 == 0 else targets[::-1]
                     for t in order:
                         run = measure(t, mock, sc, duration, raw_s, workdir,
-                                      store if t is gateway else None, max_wait)
+                                      stores[t.name][1] if t.name in stores else None, max_wait)
                         run["round"] = rnd + 1
                         runs.append(run)
                         print(f"  round {rnd + 1} {sc.name:16} {t.name:12} {run['rps']:9.0f} req/s "
@@ -565,6 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         info["ledger_verify"] = services.cli(config, "ledger", "verify").strip()[-500:]
         info["gateway_log"] = scan_gateway_log(gw_log)
         info["open_holds"] = _open_holds(store)
+        if args.baseline:
+            base_config, base_store = stores["baseline"]
+            info["baseline"] = {
+                "source": str(args.baseline),
+                "git": subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                                      capture_output=True, text=True).stdout.strip(),
+                "ledger_verify": services.cli(base_config, "ledger", "verify",
+                                              source=args.baseline).strip()[-500:],
+                "open_holds": _open_holds(base_store),
+            }
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}")
@@ -620,7 +644,15 @@ def report(result: dict[str, Any], scenarios: list[Scenario], names: list[str], 
     return "\n".join([table, *mem_lines, *verdict_lines,
                        "", f"gateway log: {json.dumps(info['gateway_log'])}",
                        f"ledger verify: {info['ledger_verify']!r}; open holds after the run: {info['open_holds']}",
+                       *_baseline_lines(info.get("baseline")),
                        f"results: {out_path}", f"wall time: {result['wall_s']} s"])
+
+
+def _baseline_lines(baseline: dict[str, Any] | None) -> list[str]:
+    if baseline is None:
+        return []
+    return [f"baseline: {baseline['source']} at {baseline['git']}; ledger verify: "
+            f"{baseline['ledger_verify']!r}; open holds after the run: {baseline['open_holds']}"]
 
 
 def _open_holds(store: Path) -> int | None:

@@ -165,25 +165,33 @@ max_output_tokens = 256
 """
 
 
-def cli(config: Path, *args: str) -> str:
+def source_env(source: Path | None) -> dict[str, str] | None:
+    """The environment that runs quota_proxy from another source tree (an A/B baseline)."""
+    return None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+
+
+def cli(config: Path, *args: str, source: Path | None = None) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "quota_proxy", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=120, cwd=config.parent,
+        capture_output=True, text=True, timeout=120, cwd=config.parent, env=source_env(source),
     )
     if result.returncode != 0:
         raise RuntimeError(f"quota-proxy {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
-def prepare_quota_proxy(workdir: Path, mock_port: int, store: Path | None = None) -> tuple[Path, str, int]:
-    """Write the config, create the account and a live key. Returns (config, key, port)."""
+def prepare_quota_proxy(workdir: Path, mock_port: int, store: Path | None = None,
+                        source: Path | None = None) -> tuple[Path, str, int]:
+    """Write the config, create the account and a live key. Returns (config, key, port).
+    With source, the CLI of that source tree does it (its own schema)."""
     port = free_port()
     config = workdir / "quota-proxy.toml"
     store = store or workdir / "quota.db"
     config.write_text(quota_config(mock_port, store, port))
     if not _has_account(store):
-        cli(config, "accounts", "create", "bench", "--quota-tokens", str(10**12))
-    key = json.loads(cli(config, "keys", "create", "--account", "bench", "--kind", "live", "--json"))["key"]
+        cli(config, "accounts", "create", "bench", "--quota-tokens", str(10**12), source=source)
+    key = json.loads(cli(config, "keys", "create", "--account", "bench", "--kind", "live", "--json",
+                         source=source))["key"]
     return config, key, port
 
 
@@ -200,13 +208,13 @@ def _has_account(store: Path) -> bool:
 
 
 @contextlib.contextmanager
-def quota_proxy(config: Path, key: str, port: int, log: Path,
-                log_level: str = "info") -> Iterator[Target]:
+def quota_proxy(config: Path, key: str, port: int, log: Path, log_level: str = "info",
+                source: Path | None = None, name: str = "quota-proxy") -> Iterator[Target]:
     argv = [sys.executable, "-m", "quota_proxy", "--config", str(config), "serve",
             "--port", str(port), "--log-level", log_level]
-    with process(argv, log, cwd=config.parent) as proc:
+    with process(argv, log, env=source_env(source), cwd=config.parent) as proc:
         wait_http(f"http://{HOST}:{port}/healthz", proc, 30, log)
-        yield Target("quota-proxy", port, "quota/fast", key, proc.pid)
+        yield Target(name, port, "quota/fast", key, proc.pid)
 
 
 def ensure_litellm(log: Path) -> Path:
