@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -93,6 +93,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 T = TypeVar("T")
 
+# The scope key under which a server that knows its connections (quota_proxy.http_protocol)
+# puts a ConnectionWatch for the request's client.
+CONNECTION_KEY = "quota.connection"
+
+
+class ConnectionWatch(Protocol):
+    """The server's own view of a request's client connection: whether it is gone, and one
+    callback for when it goes (None unsubscribes; `forget` unsubscribes only that callback,
+    since the connection's next request may have subscribed meanwhile)."""
+
+    client_gone: bool
+
+    def on_client_gone(self, callback: Callable[[], None]) -> None: ...
+
+    def forget(self, callback: Callable[[], None]) -> None: ...
+
 
 def _client_left(watcher: asyncio.Future[Message]) -> bool:
     if not watcher.done() or watcher.cancelled() or watcher.exception() is not None:
@@ -100,13 +116,13 @@ def _client_left(watcher: asyncio.Future[Message]) -> bool:
     return bool(watcher.result()["type"] == "http.disconnect")
 
 
-async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], Awaitable[T]]) -> T | None:
+async def until_disconnect(
+    receive: Receive, send: Send, work: Callable[[Send], Awaitable[T]], scope: Scope | None = None
+) -> T | None:
     """Run work(send), cancelling it at once if the client disconnects before the reply's
     final body message; None then. uvicorn's send() silently drops writes after a
-    disconnect, so only a concurrent receive() learns of it.
-
-    A plain task and a callback, not an anyio task group: this runs on every proxied
-    request, and cancel scopes cost more than the rest of the hop.
+    disconnect, so only a concurrent receive() learns of it, or the server's ConnectionWatch
+    in the scope, which costs no task: this runs on every proxied request.
     """
     finished = False
     left = False
@@ -119,23 +135,33 @@ async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], 
             finished = True
         await send(message)
 
-    def on_receive(done: asyncio.Future[Message]) -> None:
+    def client_gone() -> None:
         nonlocal left
-        if done.cancelled() or done.exception() is not None or finished:
-            return
-        if done.result()["type"] == "http.disconnect":
+        if not finished:
             left = True
             task.cancel()
 
-    watcher: asyncio.Future[Message] = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_receive)
-    try:
-        # One turn for the watcher first: a client that left while the request waited (for
-        # its hold, say) is seen here, and nothing is forwarded for it.
-        await asyncio.sleep(0)
-        if _client_left(watcher):
-            finished = True  # the watcher's callback, still to run, must not cancel this task
+    def on_receive(done: asyncio.Future[Message]) -> None:
+        if _client_left(done):
+            client_gone()
+
+    connection: ConnectionWatch | None = scope.get(CONNECTION_KEY) if scope is not None else None
+    watcher: asyncio.Future[Message] | None = None
+    if connection is not None:
+        if connection.client_gone:  # it left while the request waited (for its hold, say)
             return None
+        connection.on_client_gone(client_gone)
+    else:
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_receive)
+    try:
+        if watcher is not None:
+            # One turn for the watcher first: a client that left while the request waited
+            # is seen here, and nothing is forwarded for it.
+            await asyncio.sleep(0)
+            if _client_left(watcher):
+                finished = True  # the watcher's callback, still to run, must not cancel this task
+                return None
         return await work(tracked)
     except asyncio.CancelledError:
         if not left:
@@ -143,5 +169,8 @@ async def until_disconnect(receive: Receive, send: Send, work: Callable[[Send], 
         task.uncancel()
         return None
     finally:
-        watcher.remove_done_callback(on_receive)
-        watcher.cancel()
+        if watcher is not None:
+            watcher.remove_done_callback(on_receive)
+            watcher.cancel()
+        elif connection is not None:
+            connection.forget(client_gone)

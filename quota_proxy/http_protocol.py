@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from quota_proxy.asgi import Receive, Scope, Send, send_error
+from quota_proxy.asgi import CONNECTION_KEY, Receive, Scope, Send, send_error
 from quota_proxy.context import REQUEST_ID_HEADER
 from quota_proxy.errors import BadRequest, QuotaError
 from quota_proxy.state import new_request_id
@@ -177,6 +178,9 @@ class GatewayProtocol(HttpToolsProtocol):
         self.parsed_header_bytes = 0
         self.headers_too_large = False
         self.lingering = False
+        # The ConnectionWatch the app finds in each request's scope (asgi.CONNECTION_KEY).
+        self.client_gone = False
+        self._gone_callback: Callable[[], None] | None = None
 
     # -- the header deadline -------------------------------------------------------------
 
@@ -211,6 +215,19 @@ class GatewayProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+        self.client_gone = True
+        callback, self._gone_callback = self._gone_callback, None
+        if callback is not None:
+            callback()
+
+    # -- the ConnectionWatch (asgi.until_disconnect): no receive() task per request -------
+
+    def on_client_gone(self, callback: Callable[[], None]) -> None:
+        self._gone_callback = callback
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        if self._gone_callback is callback:
+            self._gone_callback = None
 
     def _arm_header_timer(self) -> None:
         self.header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
@@ -317,6 +334,7 @@ class GatewayProtocol(HttpToolsProtocol):
                             (REQUEST_ID_HEADER, new_request_id().encode())]
             await send_error(send, busy)
             return
+        scope[CONNECTION_KEY] = self
         try:
             await self.inner_app(scope, receive, send)
         except Exception:

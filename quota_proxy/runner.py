@@ -1,7 +1,9 @@
 """Serve an ASGI app with uvicorn inside the running event loop, on a free port.
 
 Used by the demo (gateway and its upstream in one process) and by tests; `quota-proxy
-serve` uses uvicorn's own process runner (serve.py) instead.
+serve` uses uvicorn's own process runner (serve.py) instead. Both speak HTTP through the
+gateway's own protocol (http_protocol.GatewayProtocol), so tests run the connection code
+that production runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
+
+from quota_proxy.http_protocol import GatewayConfig
 
 __all__ = ["RunningServer", "run_server"]
 
@@ -58,7 +62,7 @@ async def run_server(
     except OSError:
         sock.close()
         raise
-    config = uvicorn.Config(
+    config = GatewayConfig(
         app,
         lifespan=lifespan,
         ws="none",

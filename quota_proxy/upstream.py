@@ -157,7 +157,7 @@ class UpstreamProxy:
     async def forward(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> HopResult:
         state = request_state(scope)
         outcome = await until_disconnect(
-            receive, send, lambda tracked: self._exchange(scope, state, tracked, exchange)
+            receive, send, lambda tracked: self._exchange(scope, state, tracked, exchange), scope
         )
         return HopResult(outcome or Outcome.CLIENT_DISCONNECTED, state.upstream_s)
 

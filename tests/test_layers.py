@@ -29,7 +29,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         frozenset(
             {
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
-                "http_client", "runner", "store.models", "api.openapi", "store.dashboard_models", "usage",
+                "http_client", "store.models", "api.openapi", "store.dashboard_models", "usage",
                 "fake_dialects", "payments", "payments.settings", "payments.codes", "payments.throttle",
                 "store.writeback",
             }
@@ -51,7 +51,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
         "request path",
         frozenset(
             {"json_body", "inference_request", "holds", "context", "auth", "routing", "upstream", "fake_upstream",
-             "http_protocol", "alerts", "payments.stripe_checkout", "payments.checkout"}
+             "http_protocol", "runner", "alerts", "payments.stripe_checkout", "payments.checkout"}
         ),
     ),
     ("metering", frozenset({"meter", "reply", "metering"})),

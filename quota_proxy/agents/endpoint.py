@@ -124,6 +124,6 @@ class AgentApi:
         request.output_cap = meter.output_cap  # in cap mode, lowered to what the balance affords
         exchange = Exchange(self.proxy, state, request, meter)
         try:
-            await exchange.run(receive, send)
+            await exchange.run(scope, receive, send)
         finally:
             exchange.settle_once()

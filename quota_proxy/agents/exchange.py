@@ -10,7 +10,7 @@ import orjson
 
 from quota_proxy.agents.relay import StreamMeter, TranslatedMeter, stream_meter, whole_reply, whole_usage
 from quota_proxy.agents.request import AgentRequest, Mode, Protocol, mode_for
-from quota_proxy.asgi import Message, Receive, Send, send_bytes, send_error, until_disconnect
+from quota_proxy.asgi import Message, Receive, Scope, Send, send_bytes, send_error, until_disconnect
 from quota_proxy.config import Upstream
 from quota_proxy.errors import UpstreamTimeout
 from quota_proxy.http_client import ReadTimedOut, UpstreamHTTPError, UpstreamResponse
@@ -70,7 +70,7 @@ class Exchange:
 
     # ---- the exchange --------------------------------------------------------------------
 
-    async def run(self, receive: Receive, send: Send) -> None:
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward and relay through the chat path's attempt loop (fallback, cooldown, the
         logged failures); a caller who leaves cancels the upstream request at once."""
 
@@ -79,7 +79,7 @@ class Exchange:
                 self.status = message["status"]
             await send(message)
 
-        outcome = await until_disconnect(receive, watched, self._forward)
+        outcome = await until_disconnect(receive, watched, self._forward, scope)
         self.outcome = outcome or Outcome.CLIENT_DISCONNECTED
 
     async def _forward(self, send: Send) -> Outcome:
