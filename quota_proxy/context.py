@@ -11,10 +11,10 @@ from typing import Any
 
 from quota_proxy.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send, send_error
 from quota_proxy.errors import QuotaError, StoreUnavailableError
+from quota_proxy.logs import log_access
 from quota_proxy.state import STATE_KEY, RequestState, new_request_id
 from quota_proxy.store import StoreUnavailable
 
-access_log = logging.getLogger("quota_proxy.access")
 error_log = logging.getLogger("quota_proxy.error")
 
 REQUEST_ID_HEADER = b"x-quota-request-id"
@@ -84,8 +84,7 @@ class RequestContextMiddleware:
             log["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
             for observe in self.observers:
                 observe(log)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info("request", extra={"access": log})
+            log_access(log)
 
 
 def where_it_failed(exc: BaseException) -> str:

@@ -29,37 +29,56 @@ ACCESS_FIELDS_IN_TEXT = (
 _second: tuple[int, str] = (-1, "")
 
 
-def _timestamp(record: logging.LogRecord) -> str:
+def _timestamp(created: float) -> str:
     """ISO 8601 UTC with milliseconds; the formatted second is reused while it lasts."""
     global _second
-    whole = int(record.created)
+    whole = int(created)
     if _second[0] != whole:
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int(record.msecs):03d}Z"
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
-class JsonFormatter(logging.Formatter):
+class AccessFormatter(logging.Formatter):
+    """A formatter that can also format an access record without a LogRecord."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower()}
         access = getattr(record, "access", None)
         if access is not None:
-            entry["event"] = "request"
-            entry.update(access)
-        else:
-            entry["logger"] = record.name
-            entry["message"] = record.getMessage()
-            if record.exc_info and record.exc_info[0] is not None:
-                entry["error"] = record.exc_info[0].__name__
+            return self.format_access(record.created, access)
+        return self.format_other(record)
+
+    def format_access(self, created: float, access: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def format_other(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(AccessFormatter):
+    def format_access(self, created: float, access: dict[str, Any]) -> str:
+        entry: dict[str, Any] = {"ts": _timestamp(created), "level": "info", "event": "request"}
+        entry.update(access)
+        return orjson.dumps(entry, default=str).decode()
+
+    def format_other(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["error"] = record.exc_info[0].__name__
         return orjson.dumps(entry, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        access = getattr(record, "access", None)
-        if access is None:
-            return f"{_timestamp(record)} {record.levelname.lower():7} {record.getMessage()}"
+class TextFormatter(AccessFormatter):
+    def format_other(self, record: logging.LogRecord) -> str:
+        return f"{_timestamp(record.created)} {record.levelname.lower():7} {record.getMessage()}"
+
+    def format_access(self, created: float, access: dict[str, Any]) -> str:
         parts = [
-            _timestamp(record),
+            _timestamp(created),
             str(access.get("status", "-")),
             access.get("method", "-"),
             access.get("path", "-"),
@@ -89,6 +108,17 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if record.levelno >= logging.WARNING:
             self.flush()
             return
+        self._flush_soon()
+
+    def emit_access(self, access: dict[str, Any]) -> None:
+        """An access record, formatted straight from its dict (no LogRecord, no trip through
+        the logger hierarchy: most of a line's cost)."""
+        formatter = self.formatter
+        assert isinstance(formatter, AccessFormatter)
+        self._lines.append(formatter.format_access(time.time(), access))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._scheduled:
             try:
                 loop = asyncio.get_running_loop()
@@ -125,6 +155,7 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    global _direct
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if log_format == "text" else JsonFormatter())
     for name in ("quota_proxy", "uvicorn", "uvicorn.error"):
@@ -132,3 +163,36 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    _direct = handler
+
+
+ACCESS_LOG = logging.getLogger("quota_proxy.access")
+_PARENT = logging.getLogger("quota_proxy")
+# The handler configure_logging installed: access records go to it directly while the
+# loggers still look as configure_logging left them.
+_direct: BatchingStreamHandler | None = None
+
+
+def log_access(access: dict[str, Any]) -> None:
+    """One request's access record, at INFO on the quota_proxy.access logger. A process
+    whose logging configure_logging set up (every `serve`) writes it straight to that
+    handler; any other set-up (an app embedding the gateway, a test's capture) gets an
+    ordinary log record."""
+    if not ACCESS_LOG.isEnabledFor(logging.INFO):
+        return
+    handler = _direct
+    handlers = _PARENT.handlers
+    if (
+        handler is not None
+        and len(handlers) == 1
+        and handlers[0] is handler
+        and ACCESS_LOG.propagate
+        and not ACCESS_LOG.handlers
+        and not ACCESS_LOG.filters
+        and handler.level <= logging.INFO
+        and not _PARENT.filters
+        and not handler.filters
+    ):
+        handler.emit_access(access)
+    else:
+        ACCESS_LOG.info("request", extra={"access": access})
