@@ -212,6 +212,7 @@ class Gateway:
             async with self.keeper.running(), alerting:
                 yield
         finally:
+            self.services.metrics.flush()  # a worker's last second, into the shared files
             if self._own_client:
                 await self.http_client.aclose()
             if self.stripe is not None:
