@@ -27,8 +27,11 @@ from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hol
 HOLD_ATTEMPTS = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
+    """What the upstream reported it used (or what was estimated). A value, not changed once
+    built; not frozen, for the cost of a frozen __init__ on every request (see Buckets)."""
+
     input_tokens: int  # uncached input: the cache buckets are apart from it
     output_tokens: int  # reasoning included
     estimated: bool
@@ -83,6 +86,8 @@ class HoldRequest:
 
 def limits_for(key: KeyRecord, route: Route) -> Limits:
     """The key's own limits where it has them, else the route's."""
+    if not (key.rpm or key.tpm or key.max_concurrent):
+        return route.limits  # the usual case, without building a copy per request
     return Limits(
         rpm=key.rpm or route.limits.rpm,
         tpm=key.tpm or route.limits.tpm,
@@ -196,8 +201,9 @@ class Meter:
         """The charge for this usage. Output past the cap the gateway sent is not billed:
         the hold covered the cap, so an upstream that ignores max_tokens cannot overdraw."""
         billed = usage.buckets
-        if not self.hold.embeddings:
-            billed = billed.with_output(min(billed.output, self.output_cap * self.hold.choices))
+        cap = self.output_cap * self.hold.choices
+        if not self.hold.embeddings and billed.output > cap:
+            billed = billed.with_output(cap)
         return charge(billed, self.route.multiplier.value, self.route.weights)
 
     def settle(self, outcome: Outcome, usage: Usage, status: int, session_id: str | None = None) -> None:
