@@ -22,7 +22,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -57,11 +57,12 @@ class _Origin:
     scheme: str
     host: str
     port: int
+    host_header: bytes = field(init=False, compare=False)  # the Host header's value, IDNA-encoded once
 
-    @property
-    def host_header(self) -> bytes:
+    def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
-        return (self.host if self.port == default else f"{self.host}:{self.port}").encode("idna")
+        host = self.host if self.port == default else f"{self.host}:{self.port}"
+        object.__setattr__(self, "host_header", host.encode("idna"))
 
 
 class _Connection(asyncio.Protocol):
