@@ -52,7 +52,7 @@ def emitted(buffer: io.StringIO, records: list[dict[str, Any]]) -> list[str]:
     async def run() -> None:
         for record in records:
             logs.log_access(record)
-        await asyncio.sleep(0)  # the handler writes once per loop turn
+        await asyncio.sleep(logs.FLUSH_AFTER_S * 2)  # the handler writes what it holds by then
 
     asyncio.run(run())
     return buffer.getvalue().splitlines()
