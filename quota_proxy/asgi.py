@@ -100,8 +100,8 @@ CONNECTION_KEY = "quota.connection"
 
 class ConnectionWatch(Protocol):
     """The server's own view of a request's client connection: whether it is gone, and one
-    callback for when it goes (None unsubscribes; `forget` unsubscribes only that callback,
-    since the connection's next request may have subscribed meanwhile)."""
+    callback for when it goes. `forget` unsubscribes only the callback it is given: the
+    connection's next request may have subscribed its own meanwhile."""
 
     client_gone: bool
 
