@@ -196,8 +196,7 @@ class Metrics:
     def _schedule_flush(self) -> None:
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop to come back later: render() hands everything over
-            self._flush_due = _NO_LOOP
+        except RuntimeError:  # no loop to come back later (a library caller): render() hands it over
             return
         self._flush_due = loop.call_later(FLUSH_INTERVAL_S, self.flush)
 
@@ -234,12 +233,3 @@ class _Static:
     def collect(self) -> Any:
         return iter(self.families)
 
-
-class _NoLoop:
-    """The flush 'timer' of observations made with no event loop running: render() flushes."""
-
-    def cancel(self) -> None:
-        pass
-
-
-_NO_LOOP: Any = _NoLoop()
