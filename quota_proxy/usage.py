@@ -39,7 +39,8 @@ class Buckets:
     """Disjoint token counts. ``reasoning`` is information only: it is part of ``output``.
 
     A value: nothing changes one once built (`with_output` makes another). Not frozen,
-    because several are built per request and a frozen __init__ costs three times as much.
+    because several are built per request and a frozen __init__ costs seven times as much
+    (1.8 µs against 0.24 µs on the bench machine of 2026-12-03).
 
     ``cache_write_5m`` is the short-lived cache write (Anthropic's 5 minutes, OpenAI's
     30 minutes), ``cache_write_1h`` the long-lived one (Anthropic's hour, OpenAI's 12 hours).
