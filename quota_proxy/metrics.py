@@ -6,8 +6,9 @@ scrape of any worker reports the sum over all of them.
 A request's observations are added up in plain Python (a counter's sum, a histogram's
 bucket counts) and handed to prometheus-client at most FLUSH_INTERVAL_S later, and at once
 before this process renders a scrape: prometheus-client takes a lock per value and walks a
-histogram's buckets in Python on every observation, which was a tenth of the gateway's own
-time per request. A scrape of another worker may see this one's last second later.
+histogram's buckets in Python on every observation (20 µs a request on the bench machine of
+2026-12-03, against 5 µs this way). A scrape of another worker may see this one's last
+second later.
 """
 
 from __future__ import annotations
