@@ -108,9 +108,11 @@ class StoreSettings:
     # Settlements wait here for their group commit (store/group_commit.py); default: beside
     # the SQLite file, or `quota-settlements` beside the config file for PostgreSQL.
     journal: Path | None = None
-    # The longest a settlement group waits for a quiet moment (the gateway waiting on an
-    # upstream) before it commits; 0: at the next event-loop turn.
-    settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 1
+    # A settlement group gathers settlements for settle_gather_ms, then commits at the next
+    # quiet moment (the gateway waiting on an upstream), and after settle_delay_ms at the
+    # latest; 0 and 0: at the next event-loop turn.
+    settle_gather_ms: Annotated[int, Rule(low=0, high=60_000)] = 5
+    settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from quota_proxy.store import InsufficientFunds, KeyRecord, Settlement, Store, T
 from quota_proxy.store.models import Outcome
 from quota_proxy.usage import Buckets, affordable_output, charge, worst_case_hold
 
-HOLD_ATTEMPTS = 3
+HOLD_ATTEMPTS = 4  # one after committing pending settlements, then cap mode's lowered cap
 
 
 @dataclass(slots=True)
@@ -160,6 +160,7 @@ class Meter:
         cap = full_cap = hold.output_cap
         account = billing.charged_account_id
         available = 0
+        drained = False
         for _ in range(HOLD_ATTEMPTS):
             amount = worst_case_hold(hold.prompt_estimate, cap * hold.choices, mult, weights)
             started = time.perf_counter()
@@ -174,6 +175,12 @@ class Meter:
                     limits.max_concurrent,
                 )
             except InsufficientFunds as short:
+                if not drained:
+                    # The holds of answered requests whose settlements still wait for their
+                    # group may be what refused it: commit them and ask again, once.
+                    drained = True
+                    await store.commit_pending()
+                    continue
                 available = short.available
             except TooManyInFlight:
                 error = RateLimited(f"This key may have {limits.max_concurrent} requests in flight at once.")

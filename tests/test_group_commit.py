@@ -198,9 +198,16 @@ async def committed_reaches(db: Path, count: int) -> int:
     return committed(db)
 
 
-def configured(tmp_path: Path, upstream_url: str, settle_delay_ms: int) -> tuple[Path, Path, str]:
+def configured(
+    tmp_path: Path, upstream_url: str, settle_delay_ms: int, settle_gather_ms: int = 0
+) -> tuple[Path, Path, str]:
     config, db = tmp_path / "q.toml", tmp_path / "q.db"
-    store = {"path": str(db), "journal": str(tmp_path / "journal"), "settle_delay_ms": settle_delay_ms}
+    store = {
+        "path": str(db),
+        "journal": str(tmp_path / "journal"),
+        "settle_delay_ms": settle_delay_ms,
+        "settle_gather_ms": settle_gather_ms,
+    }
     config.write_text(config_toml(upstream_url, db, store=store))
     run_cli("--config", str(config), "accounts", "create", "acme", "--quota-tokens", str(FUNDS))
     created = run_cli(
@@ -227,6 +234,34 @@ async def test_a_group_commits_when_the_gateway_next_sends_a_request_upstream(tm
             await anyio.sleep(0.2)
             seen.append(committed(db))
         assert seen == [0, 1, 2, 2]
+
+
+async def test_a_group_gathers_for_settle_gather_ms_before_a_quiet_moment_commits_it(tmp_path: Path) -> None:
+    """Requests sent upstream while the group is younger than `settle_gather_ms` leave it
+    waiting: at one request at a time, one commit then serves several settlements."""
+    gather_s = 1.5
+    async with run_fake_upstream() as upstream:
+        config, db, key = configured(tmp_path, upstream.base_url, WINDOW_MS, int(gather_s * 1000))
+        seen = []
+        async with gateway(config, key, db) as served:
+            async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0) as client:
+
+                async def ask(n: int) -> None:
+                    await client.chat.completions.create(
+                        model="quota/sonnet", messages=[{"role": "user", "content": f"q{n}"}], max_tokens=5
+                    )
+
+                started = anyio.current_time()
+                for n in range(3):
+                    await ask(n)
+                    seen.append(committed(db))
+                assert anyio.current_time() - started < gather_s, "too slow a machine for this test"
+                await anyio.sleep(gather_s + 0.1)
+                await ask(3)  # the group is ripe: it commits as this request goes upstream
+                seen.append(await committed_reaches(db, 3))
+            await anyio.sleep(0.2)
+            seen.append(committed(db))
+        assert seen == [0, 0, 0, 3, 3]
 
 
 async def test_a_group_with_no_quiet_moment_commits_after_settle_delay_ms(tmp_path: Path) -> None:

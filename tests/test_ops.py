@@ -236,6 +236,30 @@ async def test_limits_count_a_finished_request_as_finished_while_its_settlement_
     await gateway.verify()
 
 
+async def test_a_refusal_commits_the_pending_settlements_before_it_counts(make_gateway: Any) -> None:
+    """An answered request's hold stays until its settlement group commits (here up to a
+    minute): a hold that does not fit commits the pending group and asks again, so a balance
+    that covers the next request once the earlier ones are charged is not refused for their
+    holds, in refuse mode (no cap to lower) too."""
+    gateway = await make_gateway(
+        store={"settle_delay_ms": 60_000, "settle_gather_ms": 60_000}, billing={"overdraft": "refuse"}
+    )
+    http = gateway.http()
+    _, auth = await funded(gateway)
+    assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code == 200
+    with sqlite3.connect(gateway.settings.store.path) as raw:
+        ((hold,),) = raw.execute("SELECT amount FROM holds").fetchall()  # still pending
+    await gateway.account("tight", 2 * hold + hold // 2)  # three holds do not fit, three charges do
+    tight = {"authorization": f"Bearer {await gateway.key('tight')}"}
+    answers = [await http.post("/v1/chat/completions", json=chat(), headers=tight) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    charged = sum(int(a.json()["usage"]["charged_quota_tokens"]) for a in answers)
+    tight_account = await gateway.store.account_by_name("tight")
+    assert tight_account is not None
+    assert await gateway.store.available(tight_account.id) == 2 * hold + hold // 2 - charged
+    await gateway.verify()
+
+
 async def test_fallback_to_the_second_upstream_when_the_first_refuses(
     make_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -99,10 +99,16 @@ def open_store(settings: StoreSettings) -> Store:
             command_timeout_s=settings.command_timeout_s,
             journal=settings.journal,
             settle_delay_ms=settings.settle_delay_ms,
+            settle_gather_ms=settings.settle_gather_ms,
         )
     from quota_proxy.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.path, journal=settings.journal, settle_delay_ms=settings.settle_delay_ms)
+    return SqliteStore(
+        settings.path,
+        journal=settings.journal,
+        settle_delay_ms=settings.settle_delay_ms,
+        settle_gather_ms=settings.settle_gather_ms,
+    )
 
 
 __all__ = [

@@ -3,8 +3,9 @@
 A request's settlement used to be one commit awaited before the caller got the end of the
 answer. Now `SettlementWriter.submit` appends it to this process's journal (one write(2),
 no fsync: it survives the process, as a `synchronous = NORMAL` commit does) and returns;
-a background task commits everything submitted meanwhile in one transaction, at the next
-quiet moment: when the process next waits on an upstream, at most `settle_delay_ms` later.
+a background task commits everything submitted meanwhile in one transaction: once the group
+has gathered for `settle_gather_ms`, at the next quiet moment (when the process next waits
+on an upstream), and at most `settle_delay_ms` after its first settlement.
 The hold stays atomic and committed before the request is forwarded, so the balance is
 never promised twice; only the charge that replaces the hold is late, by that much.
 
@@ -176,13 +177,21 @@ class SettlementWriter:
     A group waits for a quiet moment, at most `delay_s` (0: it commits at the next loop
     turn): `quiet()` says the process has just sent a request upstream and waits for its
     answer, so the commit runs while the loop would otherwise be idle instead of in front
-    of the next caller's request. A reader's drain() cuts the wait short too.
+    of the next caller's request. A quiet moment counts only once the group has gathered
+    for `gather_s`: at one request at a time every request is a quiet moment, and a commit
+    costs about as much for one settlement as for several (a group of one: 95 µs of CPU per
+    settlement, of 32: 39 µs, on the bench machine of 2026-12-03). A reader's drain() cuts
+    the wait short.
     """
 
-    def __init__(self, journal: SettlementJournal, commit: Commit, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, journal: SettlementJournal, commit: Commit, delay_s: float = 0.0, gather_s: float = 0.0
+    ) -> None:
         self.journal = journal
         self._commit = commit
         self.delay_s = delay_s
+        self.gather_s = min(gather_s, delay_s)
+        self._ripe_at = 0.0  # loop time from which a quiet moment commits the waiting group
         self._pending: list[Settlement] = []
         self._submitted = 0
         self._committed = 0
@@ -227,8 +236,9 @@ class SettlementWriter:
     def quiet(self) -> None:
         """Now is a good moment for the group waiting to commit (this process has just sent
         a request upstream, or a reader needs the group)."""
-        if self._moment is not None:
-            _resolve(self._moment)
+        moment = self._moment
+        if moment is not None and (self._hurried or moment.get_loop().time() >= self._ripe_at):
+            _resolve(moment)
 
     def _stall(self, stalled: bool) -> None:
         self.stalled = stalled
@@ -298,6 +308,7 @@ class SettlementWriter:
         """Until quiet() is called, or delay_s has passed."""
         loop = asyncio.get_running_loop()
         self._moment = moment = loop.create_future()
+        self._ripe_at = loop.time() + self.gather_s
         timer = loop.call_later(self.delay_s, _resolve, moment)
         try:
             await moment

@@ -148,6 +148,7 @@ class PostgresStore:
         command_timeout_s: float = 10.0,
         journal: Path | None = None,
         settle_delay_ms: int = 0,
+        settle_gather_ms: int = 0,
     ) -> None:
         self.url = url
         self._password = password
@@ -158,7 +159,10 @@ class PostgresStore:
         # The gateway's settlements (and settle()'s, when the database is away): journaled
         # on this machine, committed in groups, keyed by request id so none is written twice.
         self.settlements = SettlementWriter(
-            SettlementJournal(journal or _default_journal(url)), self._settle_group, settle_delay_ms / 1000
+            SettlementJournal(journal or _default_journal(url)),
+            self._settle_group,
+            settle_delay_ms / 1000,
+            settle_gather_ms / 1000,
         )
         self._dashboard = PostgresDashboardQueries(self)
 

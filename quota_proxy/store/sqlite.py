@@ -172,7 +172,14 @@ def migrate(path: Path) -> int:
 class SqliteStore(DashboardQueries):
     """The store interface over one SQLite file."""
 
-    def __init__(self, path: str | Path, *, journal: Path | None = None, settle_delay_ms: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        journal: Path | None = None,
+        settle_delay_ms: int = 0,
+        settle_gather_ms: int = 0,
+    ) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._tx: aiosqlite.Connection | None = None
@@ -191,6 +198,7 @@ class SqliteStore(DashboardQueries):
             SettlementJournal(journal or self.path.with_name(self.path.name + "-settlements")),
             self._settle_group,
             settle_delay_ms / 1000,
+            settle_gather_ms / 1000,
         )
 
     async def open(self) -> None:
