@@ -14,6 +14,7 @@ import orjson
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 # Given a parsed event that carries usage, return the bytes to send in its place (b"" to drop
 # it), or None to send the event as it came.
@@ -73,8 +74,10 @@ class SSEMeter:
 
 def _last_boundary(data: bytes) -> int:
     """Index just past the last event boundary, or -1."""
+    if data.endswith(_SEPARATORS):  # the usual read: whole events, nothing to search
+        return len(data)
     end = -1
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+    for sep in _SEPARATORS:
         i = data.rfind(sep)
         if i >= 0:
             end = max(end, i + len(sep))
