@@ -110,7 +110,7 @@ class StoreSettings:
     journal: Path | None = None
     # A settlement group gathers settlements for settle_gather_ms, then commits at the next
     # quiet moment (the gateway waiting on an upstream), and after settle_delay_ms at the
-    # latest; 0 and 0: at the next event-loop turn.
+    # latest (gathering never outlasts it); settle_delay_ms 0: at the next event-loop turn.
     settle_gather_ms: Annotated[int, Rule(low=0, high=60_000)] = 5
     settle_delay_ms: Annotated[int, Rule(low=0, high=60_000)] = 20
 

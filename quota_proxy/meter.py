@@ -179,8 +179,8 @@ class Meter:
                     # The holds of answered requests whose settlements still wait for their
                     # group may be what refused it: commit them and ask again, once.
                     drained = True
-                    await store.commit_pending()
-                    continue
+                    if await store.commit_pending():
+                        continue
                 available = short.available
             except TooManyInFlight:
                 error = RateLimited(f"This key may have {limits.max_concurrent} requests in flight at once.")

@@ -220,11 +220,12 @@ class SettlementWriter:
         self._submitted += 1
         self._wake.set()
 
-    async def drain(self) -> None:
+    async def drain(self) -> bool:
         """Return once everything submitted before this call has committed, or at once while
-        the store is unavailable (the read that follows then fails as fast as it should)."""
+        the store is unavailable (the read that follows then fails as fast as it should).
+        True when it waited for settlements to commit."""
         if not self.pending or self.stalled:
-            return
+            return False
         if self._task is None or self._task.done():
             raise RuntimeError("the settlement writer stopped with settlements pending")
         waiter = asyncio.get_running_loop().create_future()
@@ -232,6 +233,7 @@ class SettlementWriter:
         self._hurried = True
         self.quiet()
         await asyncio.shield(waiter)
+        return True
 
     def quiet(self) -> None:
         """Now is a good moment for the group waiting to commit (this process has just sent

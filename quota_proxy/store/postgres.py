@@ -657,8 +657,8 @@ class PostgresStore:
         """Journal the settlement now and commit it with the next group (store/group_commit.py)."""
         self.settlements.submit(s)
 
-    async def commit_pending(self) -> None:
-        await self.settlements.drain()
+    async def commit_pending(self) -> bool:
+        return await self.settlements.drain()
 
     def quiet(self) -> None:
         self.settlements.quiet()

@@ -158,9 +158,10 @@ class Store(Protocol):
         group (store/group_commit.py), seen by every read of this store after it, and
         committed by the next process to open the store if this one dies first."""
 
-    async def commit_pending(self) -> None:
+    async def commit_pending(self) -> bool:
         """Return once this process's pending settlements have committed (the hot path's
-        limits that count finished requests need them; reads wait for them anyway)."""
+        limits that count finished requests need them; reads wait for them anyway).
+        True when there were any."""
 
     def quiet(self) -> None:
         """A hint: this process has just sent a request upstream and waits for the answer,

@@ -680,7 +680,10 @@ class SqliteStore(DashboardQueries):
                 raise TooManyInFlight() from None
             if "insufficient_balance" not in str(exc):
                 raise
-            raise InsufficientFunds(await self.available(account_id)) from None
+            # What the refusal saw, pending settlements' holds included (as on PostgreSQL):
+            # the meter commits those and asks again itself.
+            row = await self._one("SELECT balance - held FROM accounts WHERE id = ?", (account_id,), settled=False)
+            raise InsufficientFunds(int(row[0]) if row else 0) from None
         return int(row[0])
 
     async def count_request(self, key_id: int, rpm: int | None, tpm: int | None) -> bool:
@@ -723,8 +726,8 @@ class SqliteStore(DashboardQueries):
         """Journal the settlement now and commit it with the next group (store/group_commit.py)."""
         self.settlements.submit(s)
 
-    async def commit_pending(self) -> None:
-        await self.settlements.drain()
+    async def commit_pending(self) -> bool:
+        return await self.settlements.drain()
 
     def quiet(self) -> None:
         self.settlements.quiet()
