@@ -57,6 +57,7 @@ UPSTREAM_TIMEOUT_S = 2  # the faulty upstream's timeout_s: a stall ends after th
 MAX_TOKENS = 16
 MULT = 3  # the faulty route's multiplier
 FD_SLACK = 10  # pooled keep-alive connections may come and go
+SETTLED_WITHIN_S = 2.0  # how long after its answer a settlement may take to show
 
 
 @dataclass
@@ -217,8 +218,15 @@ def _verify(fault: Fault, reply: Reply, stream: bool, db: Path, checks: Checks) 
     if reply.status == 0:
         checks.expect(f"{name}: the caller gets an answer, not a dropped connection", False, reply.error)
         return f"transport error {reply.error}"
-    rows = query(db, "SELECT input_tokens, output_tokens, charged, estimated, outcome FROM requests "
-                     "WHERE request_id = ?", (reply.request_id,))
+    # The settlement commits just after the answer's last byte (journaled before it): a
+    # reader in another process may look a moment too soon, so it looks again, briefly.
+    deadline = time.monotonic() + SETTLED_WITHIN_S
+    while True:
+        rows = query(db, "SELECT input_tokens, output_tokens, charged, estimated, outcome FROM requests "
+                         "WHERE request_id = ?", (reply.request_id,))
+        if rows or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
     ledger = query(db, "SELECT count(*), coalesce(-sum(amount), 0) FROM ledger WHERE request_id = ?",
                    (reply.request_id,))[0]
     checks.expect(f"{name}: settled exactly once", len(rows) == 1, (reply.request_id, rows))
