@@ -31,6 +31,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from quota_proxy.accept import drain_waiting
 from quota_proxy.asgi import CONNECTION_KEY, Receive, Scope, Send, send_error
 from quota_proxy.context import REQUEST_ID_HEADER
 from quota_proxy.errors import BadRequest, QuotaError
@@ -188,6 +189,7 @@ class GatewayProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self.transport = self.cork = CorkedTransport(transport, self.loop)
         self._arm_header_timer()
+        drain_waiting(self.server_state)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -16,14 +16,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import uvicorn
-
+from quota_proxy.accept import GreedyAcceptServer
 from quota_proxy.http_protocol import GatewayConfig
 
 __all__ = ["RunningServer", "run_server"]
 
 
-class _Server(uvicorn.Server):
+class _Server(GreedyAcceptServer):
     """A uvicorn server that leaves signals to its host, so several can share a process."""
 
     @contextlib.contextmanager

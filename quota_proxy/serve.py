@@ -23,9 +23,9 @@ from pathlib import Path
 from types import FrameType
 
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.server import Server
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from quota_proxy.accept import GreedyAcceptServer
 from quota_proxy.config import Settings
 from quota_proxy.http_protocol import GatewayConfig
 from quota_proxy.logs import configure_logging
@@ -100,9 +100,9 @@ def run(config: GatewayConfig) -> None:
         sys.exit(STARTUP_FAILURE)
 
 
-class GatewayServer(Server):
-    """A single-process server that closes its listening sockets in the signal's own loop
-    iteration, before the drain begins."""
+class GatewayServer(GreedyAcceptServer):
+    """A single-process server that accepts every waiting connection at once (quota_proxy.accept)
+    and closes its listening sockets in the signal's own loop iteration, before the drain begins."""
 
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -116,6 +116,7 @@ class GatewayServer(Server):
             self.loop.call_soon_threadsafe(self.stop_listening)
 
     def stop_listening(self) -> None:
+        self.stop_accepting()
         for server in self.servers:
             server.close()  # uvicorn's shutdown() calls this again; a second close is a no-op
 
