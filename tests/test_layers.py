@@ -31,7 +31,7 @@ LAYERS: Sequence[tuple[str, frozenset[str]]] = (
                 "errors", "money", "keys", "grants", "logs", "metrics", "sse", "tokens",
                 "http_client", "store.models", "api.openapi", "store.dashboard_models", "usage",
                 "fake_dialects", "payments", "payments.settings", "payments.codes", "payments.throttle",
-                "store.writeback",
+                "store.writeback", "accept",
             }
         ),
     ),
