@@ -3,13 +3,15 @@ sampled while wrk opens 64 connections to a gateway that is already at full load
 
     python bench/accept_queue.py                       # this source tree
     python bench/accept_queue.py --source /tmp/base    # another one (a `git worktree`)
+    python bench/accept_queue.py --close               # clients that do not keep connections alive
 
 A first wrk run (c=64, 3 s) loads the gateway; a second one starts at once, and `ss -ltn`
 reads the listening socket's Recv-Q (connections the kernel completed that the gateway has
 not accepted yet) every few milliseconds for its first 0.4 s. Prints that timeline and the
 second run's wrk p50/p99/max: the first request on a connection waits for its accept, and
 wrk's p99 corrects each long wait into several samples (coordinated omission), so a slow
-accept shows as a p99 of tens of milliseconds or more.
+accept shows as a p99 of tens of milliseconds or more. With --close every request opens a
+new connection (`Connection: close`), so every request waits for its accept.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, help="run quota_proxy from this source tree")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--close", action="store_true", help="a new connection for every request")
     args = parser.parse_args()
     services.raise_fd_limit()
     scenario = next(s for s in FULL if s.name == "chat c=64")
@@ -53,10 +56,12 @@ def main() -> None:
                 env = {**os.environ, "BENCH_BODY_FILE": str(body), "BENCH_AUTH": gateway.auth or "",
                        "BENCH_EXPECT": "\t".join(e.decode() for e in expectations(scenario))}
 
+                close = ["-H", "Connection: close"] if args.close else []
+
                 def wrk(seconds: int) -> subprocess.Popen[str]:
                     return subprocess.Popen(
                         ["wrk", "-t2", f"-c{args.connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
-                         "-s", str(services.BENCH / "wrk_post.lua"), gateway.url],
+                         *close, "-s", str(services.BENCH / "wrk_post.lua"), gateway.url],
                         stdout=subprocess.PIPE, text=True, env=env)
 
                 wrk(3).communicate()
@@ -67,7 +72,7 @@ def main() -> None:
                     timeline.append((elapsed * 1000, accept_queue(port)))
                     time.sleep(0.002)
                 report, _ = second.communicate()
-    print("source:", args.source or "this tree")
+    print("source:", args.source or "this tree", "(a new connection per request)" if args.close else "")
     print("accept queue (ms after the second wrk started: connections waiting):")
     print("  " + ", ".join(f"{ms:.0f}: {waiting}" for ms, waiting in timeline))
     peak = max((w for _, w in timeline if w is not None), default=0)
