@@ -1,7 +1,7 @@
 """Accept every connection that is waiting, not one per event-loop turn.
 
 libuv (uvloop's core) accepts a single connection each time the loop polls a listening
-socket (libuv 1.45, "unix: don't accept() connections in a loop"), leaving the rest to the
+socket (libuv PR #3696, "unix: don't accept() connections in a loop"), leaving the rest to the
 next turn. When the gateway is busy, a turn takes milliseconds, so a burst of new
 connections drains from the kernel's accept queue one turn at a time: 64 clients
 connecting to a saturated worker waited up to 0.2 s for their first byte to be read
@@ -72,11 +72,8 @@ class Acceptor:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             # As the loop's own transports: every answer goes out without waiting for an ACK.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            opening = self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
-        except Exception:
-            conn.close()
-            raise
+        # A coroutine: whatever fails in it is logged by _opened, and the socket is closed with it.
+        opening = self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
         task: asyncio.Task[object] = self._loop.create_task(opening)
         self._opening.add(task)
         task.add_done_callback(self._opened)
@@ -104,7 +101,7 @@ class GreedyAcceptServer(Server):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.server_state = AcceptingServerState()
+        self.server_state = self.accepting = AcceptingServerState()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -119,13 +116,12 @@ class GreedyAcceptServer(Server):
             app_state=self.lifespan.state,
         )
         listeners = [s for server in self.servers for s in (server.sockets or ())]
-        assert isinstance(self.server_state, AcceptingServerState)
-        self.server_state.acceptor = Acceptor(listeners, factory, asyncio.get_running_loop(), config.ssl)
+        self.accepting.acceptor = Acceptor(listeners, factory, asyncio.get_running_loop(), config.ssl)
 
     def stop_accepting(self) -> None:
-        if isinstance(self.server_state, AcceptingServerState) and self.server_state.acceptor is not None:
-            self.server_state.acceptor.close()
-            self.server_state.acceptor = None
+        acceptor, self.accepting.acceptor = self.accepting.acceptor, None
+        if acceptor is not None:
+            acceptor.close()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.stop_accepting()
